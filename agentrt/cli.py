@@ -1,0 +1,159 @@
+"""The `agentrt` command: generate, pull, demo, bench.
+
+Library code logs; only this module talks to the terminal (rich on stderr for status, plain text
+on stdout for what the model writes, so `agentrt generate ... > out.txt` captures just the answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from agentrt.errors import AgentrtError
+from agentrt.models import DEFAULT_MODEL
+
+__all__ = ["main"]
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _sampling(args: argparse.Namespace):
+    from agentrt.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=args.stop or [])
+
+
+def _stream_to_stdout(engine, prompt_ids, params) -> None:
+    done = None
+    import queue
+
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    engine.submit(prompt_ids, params, emit=events.put)
+    while done is None:
+        out = events.get()
+        if out.error is not None:
+            raise out.error
+        sys.stdout.write(out.text)
+        sys.stdout.flush()
+        done = out.finish_reason
+    sys.stdout.write("\n")
+    return done
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from agentrt.engine import Engine
+
+    with _console().status(f"loading {args.model}"):
+        engine = Engine.load(args.model, device=args.device)
+    with engine:
+        params = _sampling(args)
+        if args.raw:
+            ids = engine.encode(args.prompt)
+        else:
+            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            ids = engine.chat_prompt(messages + [{"role": "user", "content": args.prompt}])
+        reason = _stream_to_stdout(engine, ids, params)
+        logging.getLogger("agentrt").info("finish_reason=%s", reason)
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from agentrt.models import pull
+
+    path = pull(args.model)
+    _console().print(f"[green]{args.model}[/] ready at {path}")
+    return 0
+
+
+DEMO_QUESTION = "In one sentence: why do agents run independent tool calls in parallel?"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agentrt.engine import Engine
+    from agentrt.sampling import SamplingParams
+
+    con = _console()
+    con.print(f"[bold]agentrt demo[/] — model [cyan]{args.model}[/] (fetched and cached on first run)")
+    with con.status(f"preparing {args.model}"):
+        engine = Engine.load(args.model, device=args.device)
+    with engine:
+        con.print(f"[bold]question:[/] {DEMO_QUESTION}")
+        ids = engine.chat_prompt([{"role": "user", "content": DEMO_QUESTION}])
+        t0 = time.perf_counter()
+        reason = _stream_to_stdout(engine, ids, SamplingParams(max_tokens=args.max_tokens))
+        dt = time.perf_counter() - t0
+        con.print(f"[dim]finish_reason={reason}, {engine.steps} engine steps in {dt:.1f}s[/]")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"bench.{args.suite}")
+    except ModuleNotFoundError:
+        _console().print(f"[red]no benchmark {args.suite!r}[/]: run from the repository root (bench/ lives there)")
+        return 2
+    return int(mod.main(args.rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agentrt", description="A runtime for tool-calling language-model agents.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, directory or hub id (default {DEFAULT_MODEL})")
+        sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+    g = sub.add_parser("generate", help="stream the completion of PROMPT")
+    model_opts(g)
+    g.add_argument("prompt")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--system", default=None, help="system message")
+    g.add_argument("--raw", action="store_true", help="no chat template: complete PROMPT as plain text")
+    g.set_defaults(fn=cmd_generate)
+
+    pl = sub.add_parser("pull", help="fetch and prepare a model ahead of time")
+    pl.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    pl.set_defaults(fn=cmd_pull)
+
+    d = sub.add_parser("demo", help="run the demo on the embedded default model")
+    model_opts(d)
+    d.add_argument("--max-tokens", type=int, default=64)
+    d.set_defaults(fn=cmd_demo)
+
+    b = sub.add_parser("bench", help="run a benchmark from bench/ (engine, ...)")
+    b.add_argument("suite")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except AgentrtError as exc:
+        _console().print(f"[red]error:[/] {exc}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

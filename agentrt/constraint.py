@@ -1,0 +1,42 @@
+"""The per-sequence token constraint the engine drives (filled in by agentrt.grammar).
+
+The shape follows xgrammar's GrammarMatcher so a matcher can serve directly: the engine asks each
+constrained sequence to fill its row of a packed int32 bitmask ([batch, ceil(vocab / 32)], bit set
+= token allowed) while the forward step runs, applies the mask to the logits, samples, and then
+reports the sampled token back with `accept_token`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["TokenConstraint", "bitmask_width", "allocate_bitmask"]
+
+
+@runtime_checkable
+class TokenConstraint(Protocol):
+    def fill_next_token_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
+        """Write the allowed-token bits for the next token into row `index` of `bitmask`."""
+
+    def accept_token(self, token_id: int) -> bool:
+        """Advance past a sampled or forced token; False if the grammar rejects it."""
+
+    def is_terminated(self) -> bool:
+        """True once the grammar has accepted a stop token: the sequence ends with `stop`."""
+
+    def find_jump_forward_string(self) -> str:
+        """A string the grammar forces next ("" when nothing is forced); not yet accepted."""
+
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last `num_tokens` accepted tokens."""
+
+
+def bitmask_width(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def allocate_bitmask(batch: int, vocab_size: int) -> torch.Tensor:
+    # all bits set = every token allowed; pinned on CUDA hosts so the copy to the device is async
+    return torch.full((batch, bitmask_width(vocab_size)), -1, dtype=torch.int32)

@@ -1,0 +1,497 @@
+"""The engine: one thread owns the model, the KV pool and the device; callers stream tokens from it.
+
+Continuous batching: every step, running sequences feed their pending tokens (one for a decoding
+sequence, a chunk of the prompt for a prefilling one, forced tokens after jump-forward), within a
+token budget. Grammar masks for the sequences that sample this step are filled on a CPU thread
+while the forward runs, then applied before sampling (XGrammar's overlap).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from agentrt.constraint import TokenConstraint, allocate_bitmask
+from agentrt.errors import (ContextLengthError, EngineClosedError, EngineError, InvalidRequestError,
+                            KVCacheError)
+from agentrt.kv import KVPool, KVSequence, OutOfPagesError
+from agentrt.model import AttentionGroup, BatchInput, Transformer
+from agentrt.sampling import Detokenizer, SamplingParams, StopChecker, sample
+
+__all__ = ["Engine", "Output", "Completion", "feed_sequence"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Output:
+    """One streamed event: new text and tokens since the last event; the last one has a finish_reason."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # stop | length | cancelled
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    incomplete: bool = False  # a constrained output cut short before its grammar could end
+    error: BaseException | None = None
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    incomplete: bool = False
+
+
+@dataclass(eq=False)
+class _Request:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    constraint: TokenConstraint | None
+    emit: Callable[[Output], None]
+    stop_ids: set[int]
+    detok: Detokenizer
+    stopper: StopChecker
+    generator: torch.Generator | None
+    seq: KVSequence | None = None
+    fed_ids: list[int] = field(default_factory=list)  # tokens whose K/V are in `seq`
+    pending: list[int] = field(default_factory=list)  # tokens to feed next
+    output_ids: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass
+class _Work:
+    req: _Request
+    n: int  # tokens fed this step
+    samples: bool  # its pending runs out this step: sample a next token
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer, *, eos_token_ids: list[int] | None = None,
+                 kv_tokens: int = 32768, page_size: int = 16, max_batch_tokens: int = 512,
+                 max_batch_size: int = 32, name: str = "") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        cfg = model.cfg
+        self.device = model.embed.weight.device
+        self.vocab_size = cfg.vocab_size
+        num_pages = -(-kv_tokens // page_size)
+        self.pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_pages, page_size,
+                           dtype=model.embed.weight.dtype, device=self.device)
+        self.max_context = min(cfg.max_position, num_pages * page_size)
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        eos = set(eos_token_ids or [])
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = eos
+        self._ids = itertools.count(1)
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agentrt-mask")
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.steps = 0
+
+    # --- construction ---------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str = "smollm2-135m", *, device: str | None = None, dtype: torch.dtype | None = None,
+             **kwargs) -> Engine:
+        """Resolve a model name (embedded, tiny-random, local dir, hub id) and build an engine for it."""
+        from agentrt.model import load_transformer, read_generation_eos
+        from agentrt.models import resolve_model
+        from transformers import AutoTokenizer
+
+        path = resolve_model(model)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        tok = AutoTokenizer.from_pretrained(path)
+        net = load_transformer(path, dtype=dtype, device=device)
+        return cls(net, tok, eos_token_ids=read_generation_eos(path), name=str(model), **kwargs)
+
+    # --- prompts ----------------------------------------------------------------------------
+    def chat_prompt(self, messages: list[dict], **template_kwargs) -> list[int]:
+        """Token ids of `messages` under the model's chat template, ready for the assistant's turn."""
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False, **template_kwargs)
+        if isinstance(out, dict) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return list(out)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not prompt or any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt):
+            raise InvalidRequestError("prompt token ids must be a non-empty list of ids within the vocabulary",
+                                      param="prompt")
+        return list(prompt)
+
+    # --- public API (any thread) -------------------------------------------------------------
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
+               constraint: TokenConstraint | None = None, *, emit: Callable[[Output], None]) -> int:
+        """Queue a request; `emit` is called on the engine thread with each Output. Returns its id."""
+        params = params or SamplingParams()
+        params.validate()
+        ids = self.encode(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        if len(ids) >= self.max_context:
+            raise ContextLengthError(len(ids), self.max_context)
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        req = _Request(next(self._ids), ids, params, constraint, emit, stop_ids, Detokenizer(self.tokenizer),
+                       StopChecker(params.stop), gen)
+        self._send(lambda: self._waiting.append(req))
+        return req.id
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request; its pages return to the pool before the next step."""
+        if not self._closed:
+            self._send(lambda: self._cancel(request_id))
+
+    def call(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
+        """Run fn(engine) on the engine thread between two steps (for KV surgery: prune, fork)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn(self))
+            except BaseException as exc:  # handed to the caller through the future
+                fut.set_exception(exc)
+
+        self._send(run)
+        return fut
+
+    async def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
+                     constraint: TokenConstraint | None = None) -> AsyncIterator[Output]:
+        """Async iterator of Outputs; leaving it early (break, cancellation) cancels the request."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Output] = asyncio.Queue()
+        rid = self.submit(prompt, params, constraint, emit=lambda o: loop.call_soon_threadsafe(events.put_nowait, o))
+        finished = False
+        try:
+            while True:
+                out = await events.get()
+                if out.error is not None:
+                    finished = True
+                    raise out.error
+                finished = out.finish_reason is not None
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.cancel(rid)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       constraint: TokenConstraint | None = None) -> Completion:
+        parts: list[Output] = [o async for o in self.stream(prompt, params, constraint)]
+        return _collect(parts)
+
+    def generate_sync(self, prompt: str | list[int], params: SamplingParams | None = None,
+                      constraint: TokenConstraint | None = None) -> Completion:
+        """Blocking twin of `generate` for scripts and the CLI (not from inside an event loop)."""
+        events: queue.SimpleQueue[Output] = queue.SimpleQueue()
+        self.submit(prompt, params, constraint, emit=events.put)
+        parts: list[Output] = []
+        while not parts or parts[-1].finish_reason is None:
+            out = events.get()
+            if out.error is not None:
+                raise out.error
+            parts.append(out)
+        return _collect(parts)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._commands.put(lambda: None)
+        if self._thread is not None:
+            self._thread.join()
+        self._mask_pool.shutdown(wait=True)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def num_active(self) -> int:
+        return len(self._running) + len(self._waiting)
+
+    # --- the loop (engine thread) -------------------------------------------------------------
+    def _send(self, command: Callable[[], None]) -> None:
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="agentrt-engine", daemon=True)
+                self._thread.start()
+        self._commands.put(command)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get(block=not (self._running or self._waiting) and not self._closed)
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                cmd()
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if self._closed:
+                for req in [*self._running, *self._waiting]:
+                    self._finish(req, "cancelled", error=EngineClosedError("the engine was closed"))
+                return
+            if self._running or self._waiting:
+                try:
+                    self.step()
+                except Exception as exc:  # an engine fault fails the requests in flight, not the loop
+                    log.exception("engine step failed")
+                    for req in list(self._running):
+                        self._finish(req, "cancelled", error=EngineError(f"engine step failed: {exc}"))
+
+    def _cancel(self, request_id: int) -> None:
+        for req in [*self._running, *self._waiting]:
+            if req.id == request_id:
+                self._finish(req, "cancelled")
+
+    def _finish(self, req: _Request, reason: str, error: BaseException | None = None) -> None:
+        if req.done:
+            return
+        req.done = True
+        if req.seq is not None:
+            self.pool.free(req.seq)
+            req.seq = None
+        if req in self._running:
+            self._running.remove(req)
+        if req in self._waiting:
+            self._waiting.remove(req)
+        incomplete = reason == "length" and req.constraint is not None and not req.constraint.is_terminated()
+        tail = "" if req.stopper.stopped else req.stopper.flush()
+        req.emit(Output(tail, [], reason, len(req.prompt_ids), len(req.output_ids), incomplete, error))
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.max_batch_size:
+            req = self._waiting[0]
+            tokens = req.prompt_ids + req.output_ids  # output_ids is non-empty after a preemption
+            seq = self.pool.match_prefix(tokens)
+            if self.pool.pages_needed(seq, len(tokens) - seq.length) > self.pool.num_free:
+                self.pool.free(seq)
+                if not self._running:
+                    self._finish(req, "cancelled", error=KVCacheError(
+                        f"request needs {len(tokens)} tokens of KV cache; the pool holds "
+                        f"{self.pool.num_pages * self.pool.page_size}: raise kv_tokens"))
+                    continue
+                return
+            self._waiting.popleft()
+            req.seq, req.fed_ids, req.pending = seq, tokens[:seq.length], tokens[seq.length:]
+            self._running.append(req)
+
+    def _preempt(self, keep: _Request) -> bool:
+        """Free the newest other sequence (it will be recomputed later); False if there is none."""
+        for victim in reversed(self._running):
+            if victim is not keep:
+                self.pool.free(victim.seq)
+                victim.seq, victim.fed_ids, victim.pending = None, [], []
+                self._running.remove(victim)
+                self._waiting.appendleft(victim)
+                log.info("preempted request %d (KV cache full)", victim.id)
+                return True
+        return False
+
+    def _schedule(self) -> list[_Work]:
+        budget, work = self.max_batch_tokens, []
+        for req in sorted(self._running, key=lambda r: len(r.pending)):  # decodes first
+            n = min(len(req.pending), budget)
+            if n == 0 or req.seq is None:  # out of budget, or preempted a moment ago
+                continue
+            while True:
+                try:
+                    self.pool.append(req.seq, n)
+                    break
+                except OutOfPagesError:
+                    if not self._preempt(keep=req):
+                        raise
+            budget -= n
+            work.append(_Work(req, n, n == len(req.pending)))
+        return [w for w in work if w.req.seq is not None]
+
+    def step(self) -> None:
+        """One engine step: admit, schedule, forward (masks filled meanwhile), sample, stream out."""
+        self._admit()
+        try:
+            work = self._schedule()
+        except OutOfPagesError as exc:
+            for req in list(self._running):
+                self._finish(req, "cancelled", error=KVCacheError(str(exc)))
+            return
+        if not work:
+            return
+        batch = self._build_batch(work)
+        sampling = [w for w in work if w.samples]
+        constrained = [(i, w.req.constraint) for i, w in enumerate(sampling) if w.req.constraint is not None]
+        bitmask = masks_done = None
+        if constrained:
+            bitmask = allocate_bitmask(len(sampling), self.vocab_size)
+            masks_done = self._mask_pool.submit(_fill_masks, constrained, bitmask)
+        logits = self.model(batch, self.pool.k, self.pool.v)  # [M, V]
+        if masks_done is not None:
+            masks_done.result()
+            import xgrammar
+
+            rows = [i for i, _ in constrained]
+            xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+        tokens = sample(logits, [w.req.params for w in sampling], [w.req.generator for w in sampling]) if sampling else []
+        self.steps += 1
+        for w in work:
+            req = w.req
+            req.fed_ids.extend(req.pending[:w.n])
+            del req.pending[:w.n]
+            self.pool.register_prefix(req.seq, req.fed_ids)
+        for w, token in zip(sampling, tokens):
+            try:
+                self._advance(w.req, token)
+            except Exception as exc:  # a faulty constraint fails its own request only
+                log.exception("request %d failed", w.req.id)
+                self._finish(w.req, "cancelled", error=EngineError(f"request failed: {exc}"))
+
+    def _build_batch(self, work: list[_Work]) -> BatchInput:
+        ids, positions, slots, groups, logits_rows = [], [], [], [], []
+        decode_rows, decode_slots = [], []
+        row = 0
+        for w in work:
+            seq, total = w.req.seq, w.req.seq.length
+            start = total - w.n
+            ids.extend(w.req.pending[:w.n])
+            positions.extend(seq.positions[start:])
+            new_slots = self.pool.slots(seq, start, total)
+            slots.append(new_slots)
+            if w.n == 1:
+                decode_rows.append(row)
+                decode_slots.append(self.pool.slots(seq))
+            else:
+                groups.append(chunk_group(self.pool, seq, row, w.n))
+            row += w.n
+            if w.samples:
+                logits_rows.append(row - 1)
+        if decode_rows:
+            t = max(len(s) for s in decode_slots)
+            padded = torch.zeros(len(decode_rows), t, dtype=torch.long)
+            mask = torch.zeros(len(decode_rows), 1, 1, t, dtype=torch.bool)
+            for i, s in enumerate(decode_slots):
+                padded[i, :len(s)] = s
+                mask[i, 0, 0, :len(s)] = True
+            groups.append(AttentionGroup(torch.tensor(decode_rows).view(-1, 1), padded, mask))
+        dev = self.device
+        return BatchInput(
+            input_ids=torch.tensor(ids, device=dev),
+            positions=torch.tensor(positions, device=dev),
+            write_slots=torch.cat(slots).to(dev),
+            groups=[AttentionGroup(g.rows.to(dev), None if g.slots is None else g.slots.to(dev),
+                                   None if g.mask is None else g.mask.to(dev)) for g in groups],
+            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev),
+        )
+
+    def _advance(self, req: _Request, token: int) -> None:
+        """Take a sampled token: grammar, stop conditions, jump-forward, stream the text out."""
+        c = req.constraint
+        if c is not None and not c.accept_token(token):
+            raise EngineError(f"grammar rejected sampled token {token}")
+        req.output_ids.append(token)
+        if token in req.stop_ids and (c is None or c.is_terminated()):
+            return self._finish(req, "stop")
+        new = [token]
+        if c is not None and not c.is_terminated():
+            new += self._jump_forward(req)
+        text = req.stopper.push(req.detok.push(new))
+        if req.stopper.stopped:
+            req.emit(Output(text, new))
+            return self._finish(req, "stop")
+        if c is not None and c.is_terminated():
+            req.emit(Output(text, new))
+            return self._finish(req, "stop")
+        req.pending.extend(new)
+        req.emit(Output(text, new))
+        if len(req.output_ids) >= req.params.max_tokens or req.seq.length + len(req.pending) >= self.max_context:
+            self._finish(req, "length")
+
+    def _jump_forward(self, req: _Request) -> list[int]:
+        forced = req.constraint.find_jump_forward_string()
+        if not forced:
+            return []
+        ids = self.tokenizer.encode(forced, add_special_tokens=False)
+        accepted: list[int] = []
+        for t in ids[: req.params.max_tokens - len(req.output_ids)]:
+            if not req.constraint.accept_token(t):
+                break
+            accepted.append(t)
+        req.output_ids.extend(accepted)
+        return accepted
+
+
+def chunk_group(pool: KVPool, seq: KVSequence, row: int, n: int) -> AttentionGroup:
+    """Attention for the last `n` tokens of `seq` (already appended), fed at batch rows row..row+n-1."""
+    total, start = seq.length, seq.length - n
+    rows = torch.arange(row, row + n).view(1, -1)
+    if start == 0:
+        return AttentionGroup(rows, None, None)  # plain causal over the fresh keys
+    mask = torch.ones(n, total, dtype=torch.bool).tril(diagonal=start)  # query i sees keys 0 .. start + i
+    return AttentionGroup(rows, pool.slots(seq).view(1, -1), mask.view(1, 1, n, total))
+
+
+def feed_sequence(model: Transformer, pool: KVPool, seq: KVSequence, tokens: list[int],
+                  positions: list[int] | None = None) -> torch.Tensor:
+    """Feed `tokens` to one sequence outside the engine loop; logits for each of them: [n, V].
+
+    For tests and KV surgery checks (a fresh prefill to compare a pruned sequence against).
+    """
+    n = len(tokens)
+    slots = pool.append(seq, n, positions)
+    dev = pool.k.device
+    g = chunk_group(pool, seq, 0, n)
+    g = AttentionGroup(g.rows.to(dev), None if g.slots is None else g.slots.to(dev),
+                       None if g.mask is None else g.mask.to(dev))
+    batch = BatchInput(torch.tensor(tokens, device=dev), torch.tensor(seq.positions[-n:], device=dev),
+                       slots.to(dev), [g], torch.arange(n, device=dev))
+    return model(batch, pool.k, pool.v)
+
+
+def _fill_masks(constrained: list[tuple[int, TokenConstraint]], bitmask: torch.Tensor) -> None:
+    for row, constraint in constrained:
+        constraint.fill_next_token_bitmask(bitmask, row)
+
+
+def _collect(parts: list[Output]) -> Completion:
+    last = parts[-1]
+    return Completion(
+        text="".join(p.text for p in parts),
+        token_ids=[t for p in parts for t in p.token_ids],
+        finish_reason=last.finish_reason or "stop",
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        incomplete=last.incomplete,
+    )

@@ -1,0 +1,298 @@
+"""Our own forward for Llama-family decoders (Llama/SmolLM, Mistral, Qwen2, Qwen3) over a paged KV cache.
+
+One flat file in the spirit of gpt-fast: a config, RoPE, RMSNorm, attention, MLP, the transformer.
+Linear layers run on all new tokens of the batch at once ([N, hidden]); attention runs per group
+(all decoding sequences together, each prefill chunk alone) over keys gathered from the page pool.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agentrt.errors import UnsupportedModelError
+
+__all__ = ["ModelConfig", "Rotary", "AttentionGroup", "BatchInput", "Transformer", "load_transformer"]
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position: int
+    tie_embeddings: bool
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    hf_config: object = field(default=None, repr=False)
+
+    @classmethod
+    def from_hf(cls, hf) -> ModelConfig:
+        if hf.model_type not in SUPPORTED:
+            raise UnsupportedModelError(
+                f"model_type {hf.model_type!r} is not supported by agentrt's forward (supported: {', '.join(SUPPORTED)})"
+            )
+        if getattr(hf, "sliding_window", None) and getattr(hf, "use_sliding_window", hf.model_type == "mistral"):
+            # Exact only while the context stays inside the window; the engine caps the context there.
+            max_position = min(hf.max_position_embeddings, hf.sliding_window)
+        else:
+            max_position = hf.max_position_embeddings
+        return cls(
+            model_type=hf.model_type,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_layers=hf.num_hidden_layers,
+            num_heads=hf.num_attention_heads,
+            num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+            rms_norm_eps=hf.rms_norm_eps,
+            max_position=max_position,
+            tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            qkv_bias=hf.model_type == "qwen2" or bool(getattr(hf, "attention_bias", False)),
+            qk_norm=hf.model_type == "qwen3",
+            hf_config=hf,
+        )
+
+
+class Rotary(nn.Module):
+    """RoPE with the config's scaling variant (inverse frequencies from transformers' own table)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        hf = cfg.hf_config
+        params = getattr(hf, "rope_parameters", None) or {}
+        rope_type = params.get("rope_type", "default")
+        with torch.device("cpu"):  # even when the model is built on the meta device
+            inv_freq, scaling = self._init(hf, cfg, params, rope_type, ROPE_INIT_FUNCTIONS)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.scaling = float(scaling)
+
+    @staticmethod
+    def _init(hf, cfg: ModelConfig, params: dict, rope_type: str, table) -> tuple[torch.Tensor, float]:
+        if rope_type == "default":
+            theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
+            return 1.0 / (theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float) / cfg.head_dim)), 1.0
+        # "dynamic" is applied with its static (original-length) frequencies.
+        return table[rope_type](hf, torch.device("cpu"))
+
+    def cos_sin(self, positions: torch.Tensor, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [...] -> cos, sin: [..., D] in fp32
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if scaled and self.scaling != 1.0:
+            cos, sin = cos * self.scaling, sin * self.scaling
+        return cos, sin
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: [..., heads, D]; cos/sin: [..., D] broadcast over heads
+        cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    def rotate_by(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Re-rotate already-rotated keys by `delta` positions: R(p + delta) = R(delta) R(p)."""
+        cos, sin = self.cos_sin(delta, scaled=False)
+        return self.apply(x, cos, sin)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+@dataclass
+class AttentionGroup:
+    """Queries that attend together: `rows` index the step's new tokens as [b, q]; keys come from `slots`.
+
+    mask: [b, 1, q, T] bool (True = may attend) or None for plain causal attention over fresh keys only
+    (a prefill chunk with no cached context). key_delta: [b, T] positions to re-rotate gathered keys by,
+    for views that place shared blocks at other offsets (hogwild); None for ordinary sequences.
+    """
+
+    rows: torch.Tensor  # [b, q] long
+    slots: torch.Tensor | None  # [b, T] long, None when only fresh keys are attended
+    mask: torch.Tensor | None
+    key_delta: torch.Tensor | None = None
+
+
+@dataclass
+class BatchInput:
+    input_ids: torch.Tensor  # [N]
+    positions: torch.Tensor  # [N]
+    write_slots: torch.Tensor  # [N] where each new token's K/V go in the pool
+    groups: list[AttentionGroup]
+    logits_rows: torch.Tensor  # [M] rows whose next-token logits are wanted
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.h, self.kv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, (self.h + 2 * self.kv) * self.d, bias=cfg.qkv_bias)
+        self.o = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x, cos, sin, batch: BatchInput, k_pool, v_pool, rotary: Rotary) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).split([self.h * self.d, self.kv * self.d, self.kv * self.d], dim=-1)
+        q, k, v = q.view(n, self.h, self.d), k.view(n, self.kv, self.d), v.view(n, self.kv, self.d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        # pools: [S, KV, D]
+        k_pool.index_copy_(0, batch.write_slots, k)
+        v_pool.index_copy_(0, batch.write_slots, v)
+        out = torch.empty_like(q)  # [N, H, D]
+        for g in batch.groups:
+            b, nq = g.rows.shape
+            qg = q[g.rows.reshape(-1)].view(b, nq, self.h, self.d).transpose(1, 2)  # [b, H, q, D]
+            if g.slots is None:
+                kg = k[g.rows.reshape(-1)].view(b, nq, self.kv, self.d)
+                vg = v[g.rows.reshape(-1)].view(b, nq, self.kv, self.d)
+            else:
+                kg, vg = k_pool[g.slots], v_pool[g.slots]  # [b, T, KV, D]
+                if g.key_delta is not None:
+                    kg = rotary.rotate_by(kg, g.key_delta)
+            kg, vg = kg.transpose(1, 2), vg.transpose(1, 2)  # [b, KV, T, D]
+            o = F.scaled_dot_product_attention(
+                qg, kg, vg, attn_mask=g.mask, is_causal=g.mask is None and nq > 1, enable_gqa=self.h != self.kv
+            )
+            out[g.rows.reshape(-1)] = o.transpose(1, 2).reshape(b * nq, self.h, self.d)
+        return self.o(out.view(n, self.h * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg)
+
+    @torch.inference_mode()
+    def forward(self, batch: BatchInput, k_pools: torch.Tensor, v_pools: torch.Tensor) -> torch.Tensor:
+        # k_pools, v_pools: [L, S, KV, D]; returns logits [M, V] in fp32
+        x = self.embed(batch.input_ids)  # [N, hidden]
+        cos, sin = self.rotary.cos_sin(batch.positions)  # [N, D]
+        for i, layer in enumerate(self.layers):
+            x = x + layer.attn(layer.attn_norm(x), cos, sin, batch, k_pools[i], v_pools[i], self.rotary)
+            x = x + layer.mlp(layer.mlp_norm(x))
+        x = self.norm(x[batch.logits_rows])  # [M, hidden]
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head).float()
+
+
+def _hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModelError(f"{model_dir} has no .safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
+
+def _convert(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Map Hugging Face parameter names onto ours, fusing q/k/v and gate/up."""
+    out = {"embed.weight": state["model.embed_tokens.weight"], "norm.weight": state["model.norm.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = state.get("lm_head.weight", state["model.embed_tokens.weight"])
+    for i in range(cfg.num_layers):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        q = f"layers.{i}."
+        out[q + "attn.qkv.weight"] = torch.cat([state[a + f"{n}_proj.weight"] for n in "qkv"])
+        if cfg.qkv_bias:
+            out[q + "attn.qkv.bias"] = torch.cat([state[a + f"{n}_proj.bias"] for n in "qkv"])
+        out[q + "attn.o.weight"] = state[a + "o_proj.weight"]
+        if cfg.qk_norm:
+            out[q + "attn.q_norm.weight"] = state[a + "q_norm.weight"]
+            out[q + "attn.k_norm.weight"] = state[a + "k_norm.weight"]
+        out[q + "attn_norm.weight"] = state[p + "input_layernorm.weight"]
+        out[q + "mlp_norm.weight"] = state[p + "post_attention_layernorm.weight"]
+        out[q + "mlp.gate_up.weight"] = torch.cat([state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]])
+        out[q + "mlp.down.weight"] = state[p + "mlp.down_proj.weight"]
+    return out
+
+
+def load_transformer(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                     ) -> Transformer:
+    """Build our Transformer from a local Hugging Face directory (config + safetensors)."""
+    from transformers import AutoConfig
+
+    model_dir = Path(model_dir)
+    hf = AutoConfig.from_pretrained(model_dir)
+    cfg = ModelConfig.from_hf(hf)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = _convert(_hf_state_dict(model_dir), cfg)
+    model.load_state_dict(state, strict=False, assign=True)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise UnsupportedModelError(f"{model_dir}: checkpoint lacks {missing[:5]}")
+    model = model.to(device=device, dtype=dtype)
+    model.rotary.inv_freq = model.rotary.inv_freq.float()
+    return model.eval()
+
+
+def read_generation_eos(model_dir: str | Path) -> list[int]:
+    """EOS ids from generation_config.json / config.json (either may hold an int or a list)."""
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        if path.exists():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            for e in eos if isinstance(eos, list) else [eos]:
+                if isinstance(e, int) and e not in ids:
+                    ids.append(e)
+    return ids

