@@ -50,10 +50,10 @@ def _stream_to_stdout(engine, prompt_ids, params) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from agentrt.engine import Engine
 
+    params = _sampling(args)  # bad values fail before the model loads
     with _console().status(f"loading {args.model}"):
         engine = Engine.load(args.model, device=args.device)
     with engine:
-        params = _sampling(args)
         if args.raw:
             ids = engine.encode(args.prompt)
         else:
@@ -95,10 +95,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
+    import os
 
+    sys.path.insert(0, os.getcwd())
     try:
         mod = importlib.import_module(f"bench.{args.suite}")
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("bench", f"bench.{args.suite}"):
+            raise
         _console().print(f"[red]no benchmark {args.suite!r}[/]: run from the repository root (bench/ lives there)")
         return 2
     return int(mod.main(args.rest) or 0)

@@ -159,10 +159,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, batch: BatchInput, k_pool, v_pool, rotary: Rotary) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv(x).split([self.h * self.d, self.kv * self.d, self.kv * self.d], dim=-1)
-        q, k, v = q.view(n, self.h, self.d), k.view(n, self.kv, self.d), v.view(n, self.kv, self.d)
+    def forward(self, x, cos, sin, batch: BatchInput, masks: list, k_pool, v_pool, rotary: Rotary) -> torch.Tensor:
+        n, kv, d, rep = x.shape[0], self.kv, self.d, self.h // self.kv
+        q, k, v = self.qkv(x).split([self.h * d, kv * d, kv * d], dim=-1)
+        q, k, v = q.view(n, self.h, d), k.view(n, kv, d), v.view(n, kv, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
@@ -170,22 +170,26 @@ class Attention(nn.Module):
         k_pool.index_copy_(0, batch.write_slots, k)
         v_pool.index_copy_(0, batch.write_slots, v)
         out = torch.empty_like(q)  # [N, H, D]
-        for g in batch.groups:
+        for g, mask in zip(batch.groups, masks):
             b, nq = g.rows.shape
-            qg = q[g.rows.reshape(-1)].view(b, nq, self.h, self.d).transpose(1, 2)  # [b, H, q, D]
-            if g.slots is None:
-                kg = k[g.rows.reshape(-1)].view(b, nq, self.kv, self.d)
-                vg = v[g.rows.reshape(-1)].view(b, nq, self.kv, self.d)
-            else:
-                kg, vg = k_pool[g.slots], v_pool[g.slots]  # [b, T, KV, D]
-                if g.key_delta is not None:
-                    kg = rotary.rotate_by(kg, g.key_delta)
-            kg, vg = kg.transpose(1, 2), vg.transpose(1, 2)  # [b, KV, T, D]
-            o = F.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=g.mask, is_causal=g.mask is None and nq > 1, enable_gqa=self.h != self.kv
-            )
-            out[g.rows.reshape(-1)] = o.transpose(1, 2).reshape(b * nq, self.h, self.d)
-        return self.o(out.view(n, self.h * self.d))
+            rows = g.rows.reshape(-1)
+            if g.slots is None:  # fresh prefill: causal over its own keys
+                qg = q.index_select(0, rows).view(b, nq, self.h, d).transpose(1, 2)  # [b, H, q, D]
+                kg = k.index_select(0, rows).view(b, nq, kv, d).transpose(1, 2)  # [b, KV, q, D]
+                vg = v.index_select(0, rows).view(b, nq, kv, d).transpose(1, 2)
+                o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=nq > 1, enable_gqa=rep > 1)
+                out[rows] = o.transpose(1, 2).reshape(b * nq, self.h, d)
+                continue
+            t = g.slots.shape[1]
+            kg = k_pool.index_select(0, g.slots.reshape(-1)).view(b, t, kv, d)
+            vg = v_pool.index_select(0, g.slots.reshape(-1)).view(b, t, kv, d)
+            if g.key_delta is not None:
+                kg = rotary.rotate_by(kg, g.key_delta)
+            # grouped queries: the `rep` query heads of one KV head attend as extra rows, no K/V copies
+            qg = q.index_select(0, rows).view(b, nq, kv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, kv, rep * nq, d)
+            o = F.scaled_dot_product_attention(qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=mask)
+            out[rows] = o.view(b, kv, rep, nq, d).permute(0, 3, 1, 2, 4).reshape(b * nq, self.h, d)
+        return self.o(out.view(n, self.h * d))
 
 
 class MLP(nn.Module):
@@ -223,12 +227,23 @@ class Transformer(nn.Module):
         # k_pools, v_pools: [L, S, KV, D]; returns logits [M, V] in fp32
         x = self.embed(batch.input_ids)  # [N, hidden]
         cos, sin = self.rotary.cos_sin(batch.positions)  # [N, D]
+        masks = [self._additive_mask(g, x.dtype) for g in batch.groups]
         for i, layer in enumerate(self.layers):
-            x = x + layer.attn(layer.attn_norm(x), cos, sin, batch, k_pools[i], v_pools[i], self.rotary)
+            x = x + layer.attn(layer.attn_norm(x), cos, sin, batch, masks, k_pools[i], v_pools[i], self.rotary)
             x = x + layer.mlp(layer.mlp_norm(x))
         x = self.norm(x[batch.logits_rows])  # [M, hidden]
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()
+
+
+    def _additive_mask(self, g: AttentionGroup, dtype: torch.dtype) -> torch.Tensor | None:
+        """[b, 1, q, T] bool -> [b, 1, rep * q, T] additive (0 / -inf), rows ordered like grouped queries."""
+        if g.mask is None:
+            return None
+        rep = self.cfg.num_heads // self.cfg.num_kv_heads
+        b, _, nq, t = g.mask.shape
+        add = torch.zeros(g.mask.shape, dtype=dtype, device=g.mask.device).masked_fill_(~g.mask, float("-inf"))
+        return add if nq == 1 else add.unsqueeze(2).expand(b, 1, rep, nq, t).reshape(b, 1, rep * nq, t)
 
 
 def _hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:

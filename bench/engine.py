@@ -1,0 +1,182 @@
+"""Engine benchmark: our engine vs transformers `generate` on the same weights, in one process.
+
+Decode ms/token at batch 1 and 8 (greedy, fixed length), prefill tokens/s, peak device memory on
+CUDA. Prints a table with ratios; `--json OUT` writes
+{"model", "device", "rows": [{"path", "batch", "ms_per_token", "prefill_tok_s", "tok_s"}]}.
+Run: `agentrt bench engine [--model smollm2-135m] [--tokens 64] [--json OUT]` from the repo root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+
+import torch
+
+PROMPT = ("You are a careful assistant. Read the question, think about which tools you would need, "
+          "and answer briefly. Question: which three cities have hosted the Summer Olympics more than once, "
+          "and in which years?")
+
+
+def _prompts(engine, batch: int) -> list[list[int]]:
+    # same length, different content, so neither path can share a prefix between rows
+    return [engine.chat_prompt([{"role": "user", "content": f"[{i:02d}] {PROMPT}"}]) for i in range(batch)]
+
+
+def ours_decode(engine, prompts: list[list[int]], tokens: int) -> float:
+    """ms per decode step over all rows: from the first token of the last row to the last token."""
+    from agentrt.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+
+    async def one(p):
+        stamps = []
+        async for out in engine.stream(p, params):
+            if out.token_ids:
+                stamps.append(time.perf_counter())
+        return stamps
+
+    async def run():
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    stamps = asyncio.run(run())
+    start = max(s[0] for s in stamps)
+    end = max(s[-1] for s in stamps)
+    steps = tokens - 1 - max(s.index(next(x for x in s if x >= start)) for s in stamps)
+    return (end - start) / max(steps, 1) * 1000
+
+
+def ours_prefill(engine, prompt: list[int], repeats: int) -> float:
+    from agentrt.sampling import SamplingParams
+
+    times = []
+    for r in range(repeats):
+        p = [prompt[0] + 0] + [(t + r + 1) % 40000 + 10 for t in prompt[1:]]  # defeat the prefix cache
+        t0 = time.perf_counter()
+        engine.generate_sync(p, SamplingParams(max_tokens=1))
+        times.append(time.perf_counter() - t0)
+    return len(prompt) / statistics.median(times)
+
+
+class _Stamps:
+    """A transformers streamer that records when each new token arrives."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.first = True
+
+    def put(self, value) -> None:
+        if self.first:  # the prompt
+            self.first = False
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def hf_decode(model, tok, prompts: list[list[int]], tokens: int) -> float:
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    stamps = _Stamps() if len(prompts) == 1 else None
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=tokens,
+                       min_new_tokens=tokens, do_sample=False, pad_token_id=pad, streamer=stamps)
+    total = time.perf_counter() - t0
+    if stamps is not None:
+        return (stamps.times[-1] - stamps.times[0]) / (len(stamps.times) - 1) * 1000
+    # batched streaming is not supported by transformers: subtract a measured prefill instead
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
+    prefill = time.perf_counter() - t1
+    return (total - prefill) / (tokens - 1) * 1000
+
+
+def hf_prefill(model, prompt: list[int], repeats: int) -> float:
+    times = []
+    ids = torch.tensor([prompt], device=model.device)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model(input_ids=ids)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return len(prompt) / statistics.median(times)
+
+
+def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: str | None) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from agentrt.engine import Engine
+    from agentrt.models import resolve_model
+
+    engine = Engine.load(model_name, device=device)
+    dev = engine.device
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model(model_name), dtype=engine.model.embed.weight.dtype)
+    hf = hf.to(dev).eval()
+    tok = engine.tokenizer
+    rows = []
+    long_prompt = _prompts(engine, 1)[0] * 4
+    ours_pf, hf_pf = ours_prefill(engine, long_prompt, repeats), hf_prefill(hf, long_prompt, repeats)
+    for batch in batches:
+        prompts = _prompts(engine, batch)
+        ours_decode(engine, prompts, 8)  # warm-up
+        ours_ms = statistics.median(ours_decode(engine, prompts, tokens) for _ in range(repeats))
+        hf_ms = statistics.median(hf_decode(hf, tok, prompts, tokens) for _ in range(repeats))
+        rows.append({"path": "agentrt", "batch": batch, "ms_per_token": round(ours_ms, 2),
+                     "prefill_tok_s": round(ours_pf, 1), "tok_s": round(batch * 1000 / ours_ms, 1)})
+        rows.append({"path": "transformers", "batch": batch, "ms_per_token": round(hf_ms, 2),
+                     "prefill_tok_s": round(hf_pf, 1), "tok_s": round(batch * 1000 / hf_ms, 1)})
+    engine.close()
+    return {"model": model_name, "device": str(dev), "threads": torch.get_num_threads(),
+            "prompt_tokens": len(_prompts(engine, 1)[0]), "prefill_prompt_tokens": len(long_prompt),
+            "decode_tokens": tokens, "rows": rows}
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"engine: {result['model']} on {result['device']} ({result['threads']} threads)")
+    for col in ("batch", "path", "ms/step", "tok/s", "prefill tok/s", "speedup vs transformers"):
+        t.add_column(col, justify="right")
+    by = {(r["path"], r["batch"]): r for r in result["rows"]}
+    for (path, batch), r in by.items():
+        ref = by[("transformers", batch)]
+        t.add_row(str(batch), path, f"{r['ms_per_token']:.1f}", f"{r['tok_s']:.1f}", f"{r['prefill_tok_s']:.0f}",
+                  f"{ref['ms_per_token'] / r['ms_per_token']:.2f}x")
+    one = by.get(("agentrt", 1))
+    Console().print(t)
+    for batch in sorted({b for _, b in by}):
+        if one and batch > 1:
+            Console().print(f"agentrt batch {batch} aggregate throughput: "
+                            f"{by[('agentrt', batch)]['tok_s'] / one['tok_s']:.2f}x batch 1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="agentrt bench engine", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    result = run(args.model, args.tokens, args.batch, args.repeats, args.device)
+    print_table(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
