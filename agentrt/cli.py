@@ -93,6 +93,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from agentrt.server import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
     import os
@@ -138,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     model_opts(d)
     d.add_argument("--max-tokens", type=int, default=64)
     d.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("serve", help="serve an OpenAI-compatible API (chat completions, tools, JSON schema)")
+    model_opts(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    s.set_defaults(fn=cmd_serve)
 
     b = sub.add_parser("bench", help="run a benchmark from bench/ (engine, ...)")
     b.add_argument("suite")

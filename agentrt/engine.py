@@ -186,7 +186,8 @@ class Engine:
         """Async iterator of Outputs; leaving it early (break, cancellation) cancels the request."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Output] = asyncio.Queue()
-        rid = self.submit(prompt, params, constraint, emit=lambda o: loop.call_soon_threadsafe(events.put_nowait, o))
+        rid = self.submit(prompt, params, constraint,
+                          emit=lambda o: loop.call_soon_threadsafe(events.put_nowait, o))
         finished = False
         try:
             while True:
@@ -279,6 +280,16 @@ class Engine:
             if req.id == request_id:
                 self._finish(req, "cancelled")
 
+    def _emit(self, req: _Request, out: Output) -> None:
+        """Hand an Output to the caller; a caller that is gone (closed event loop) loses its request."""
+        try:
+            req.emit(out)
+        except Exception:
+            log.warning("request %d: its consumer is gone; cancelling it", req.id)
+            if not req.done and out.finish_reason is None:
+                req.emit = _drop
+                self._finish(req, "cancelled")
+
     def _finish(self, req: _Request, reason: str, error: BaseException | None = None) -> None:
         if req.done:
             return
@@ -292,7 +303,7 @@ class Engine:
             self._waiting.remove(req)
         incomplete = reason == "length" and req.constraint is not None and not req.constraint.is_terminated()
         tail = "" if req.stopper.stopped else req.stopper.flush()
-        req.emit(Output(tail, [], reason, len(req.prompt_ids), len(req.output_ids), incomplete, error))
+        self._emit(req, Output(tail, [], reason, len(req.prompt_ids), len(req.output_ids), incomplete, error))
 
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_batch_size:
@@ -428,14 +439,13 @@ class Engine:
         if c is not None and not c.is_terminated():
             new += self._jump_forward(req)
         text = req.stopper.push(req.detok.push(new))
-        if req.stopper.stopped:
-            req.emit(Output(text, new))
-            return self._finish(req, "stop")
-        if c is not None and c.is_terminated():
-            req.emit(Output(text, new))
+        if req.stopper.stopped or (c is not None and c.is_terminated()):
+            self._emit(req, Output(text, new))
             return self._finish(req, "stop")
         req.pending.extend(new)
-        req.emit(Output(text, new))
+        self._emit(req, Output(text, new))
+        if req.done:  # its consumer went away
+            return
         if len(req.output_ids) >= req.params.max_tokens or req.seq.length + len(req.pending) >= self.max_context:
             self._finish(req, "length")
 
@@ -478,6 +488,10 @@ def feed_sequence(model: Transformer, pool: KVPool, seq: KVSequence, tokens: lis
     batch = BatchInput(torch.tensor(tokens, device=dev), torch.tensor(seq.positions[-n:], device=dev),
                        slots.to(dev), [g], torch.arange(n, device=dev))
     return model(batch, pool.k, pool.v)
+
+
+def _drop(_: Output) -> None:
+    pass
 
 
 def _fill_masks(constrained: list[tuple[int, TokenConstraint]], bitmask: torch.Tensor) -> None:

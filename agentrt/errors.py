@@ -6,9 +6,11 @@
     ├── UnsupportedModelError     an architecture our own forward does not implement
     ├── InvalidRequestError       a bad argument; `.param` names it
     │   ├── SamplingParamError    temperature, top_p, top_k, max_tokens, ... out of range
-    │   └── ContextLengthError    prompt (plus room to generate) longer than the context window
+    │   ├── ContextLengthError    prompt (plus room to generate) longer than the context window
+    │   └── GrammarError          a constraint (schema, regex, grammar, tools) that cannot be compiled
     ├── EngineError               the engine failed while running a request (a fault, not bad input)
     │   └── EngineClosedError     the engine was shut down
+    ├── RunTimeoutError           an agent run took longer than its `timeout`
     ├── KVCacheError              misuse of the paged KV cache (double free, pruning outside a sequence)
     ├── ToolError                 a tool is defined or registered wrongly (bad signature, duplicate name)
     └── PlanError                 a plan does not parse, names an unknown tool or refers to a later or
@@ -27,9 +29,11 @@ __all__ = [
     "InvalidRequestError",
     "SamplingParamError",
     "ContextLengthError",
+    "GrammarError",
     "EngineError",
     "EngineClosedError",
     "KVCacheError",
+    "RunTimeoutError",
     "ToolError",
     "PlanError",
 ]
@@ -78,6 +82,11 @@ class ContextLengthError(InvalidRequestError):
         )
 
 
+class GrammarError(InvalidRequestError):
+    """A constraint could not be turned into a grammar: bad syntax, an unsatisfiable schema, or a
+    compile that ran past its timeout. The message says which constraint and what to change."""
+
+
 class EngineError(AgentrtError):
     pass
 
@@ -99,3 +108,7 @@ class PlanError(AgentrtError):
     def __init__(self, message: str, line: str | None = None) -> None:
         self.line = line
         super().__init__(f"{message} (in plan line {line!r})" if line else message)
+
+
+class RunTimeoutError(AgentrtError):
+    pass

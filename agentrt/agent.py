@@ -1,0 +1,260 @@
+"""The SDK: `Agent(model, tools, mode, output_type)` with `run`, `run_sync` and `stream`.
+
+`chat` mode is the function-calling loop users know from the OpenAI Agents SDK / pydantic-ai
+(calls of one turn run concurrently); `plan`, `dta` and `react` hand the question to the planner
+(LLMCompiler, Divide-Then-Aggregate, ReAct). `output_type` makes the final answer a value decoded
+under its JSON schema.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import anyio
+
+from agentrt.backends import Backend, open_backend
+from agentrt.chat import ChatOptions, ChatResult
+from agentrt.errors import InvalidRequestError, RunTimeoutError
+from agentrt.sampling import SamplingParams
+
+__all__ = ["Agent", "RunResult", "TextDelta", "ToolStart", "ToolEnd", "Final", "AgentEvent"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MODES = ("chat", "plan", "dta", "react", "thread", "hogwild")
+
+
+@dataclass
+class TextDelta:
+    text: str
+
+
+@dataclass
+class ToolStart:
+    call_id: str
+    name: str
+    arguments: dict
+
+
+@dataclass
+class ToolEnd:
+    call_id: str
+    name: str
+    ok: bool
+    observation: str
+    value: Any = None
+
+
+@dataclass
+class RunResult(Generic[T]):
+    output: T
+    text: str  # the final answer as the model wrote it
+    mode: str
+    tool_calls: list[ToolEnd] = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)
+    steps: int = 0
+
+
+@dataclass
+class Final:
+    result: RunResult
+
+
+AgentEvent = TextDelta | ToolStart | ToolEnd | Final
+
+
+class Agent(Generic[T]):
+    """An agent over a model and tools. `model`: a name (default: the embedded smollm2-135m), a local
+    directory or hub id, `openai:<base_url>#<model>`, an Engine or a Backend."""
+
+    def __init__(self, model: Any = None, tools: Iterable[Any] = (), *, mode: str = "chat",
+                 output_type: type[T] = str, instructions: str | None = None, max_steps: int = 8,
+                 timeout: float | None = None, temperature: float = 0.0, max_tokens: int = 512,
+                 tool_top_k: int | None = None, tool_choice: str = "auto", grammar_options: dict | None = None,
+                 device: str | None = None) -> None:
+        from agentrt.tools import ToolRegistry
+
+        if mode not in MODES:
+            raise InvalidRequestError(f"mode {mode!r} is not one of {', '.join(MODES)}", param="mode")
+        if mode in ("thread", "hogwild"):
+            raise InvalidRequestError(f"mode {mode!r} is not available in this release yet: use chat, plan, dta "
+                                      "or react", param="mode")
+        self.mode = mode
+        self.registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
+        self.output_type = output_type
+        self.instructions = instructions
+        self.max_steps = max_steps
+        self.timeout = timeout
+        self.tool_top_k = tool_top_k
+        if tool_choice not in ("auto", "required"):
+            raise InvalidRequestError("tool_choice is 'auto' or 'required' (the first turn must call a tool)",
+                                      param="tool_choice")
+        self.tool_choice = tool_choice
+        self.grammar_options = dict(grammar_options or {})  # JsonSchema caps: max_string_length, ...
+        self.params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+        self._model, self._device = model, device
+        self._backend: Backend | None = None
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = open_backend(self._model, device=self._device)
+        return self._backend
+
+    # --- entry points ---------------------------------------------------------------------------
+    async def run(self, prompt: str) -> RunResult[T]:
+        result = None
+        async for ev in self.stream(prompt):
+            if isinstance(ev, Final):
+                result = ev.result
+        assert result is not None
+        return result
+
+    def run_sync(self, prompt: str) -> RunResult[T]:
+        return anyio.run(self.run, prompt)
+
+    async def stream(self, prompt: str) -> AsyncIterator[AgentEvent]:
+        """Typed events as the run goes: text deltas, tool starts and ends, then Final."""
+        send, receive = anyio.create_memory_object_stream[AgentEvent](256)
+
+        async def produce() -> None:
+            async with send:
+                try:
+                    with anyio.fail_after(self.timeout):
+                        await self._run(prompt, send.send)
+                except TimeoutError as exc:
+                    raise RunTimeoutError(f"the run took longer than timeout={self.timeout}s") from exc
+
+        try:
+            async with anyio.create_task_group() as tg, receive:
+                tg.start_soon(produce)
+                async for ev in receive:
+                    yield ev
+        except BaseExceptionGroup as group:  # one producer: surface its error as itself
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+
+    async def aclose(self) -> None:
+        if self._backend is not None:
+            await self._backend.aclose()
+
+    def close(self) -> None:
+        anyio.run(self.aclose)
+
+    # --- modes ----------------------------------------------------------------------------------
+    async def _run(self, prompt: str, emit: Callable) -> None:
+        if self.mode == "chat":
+            text, calls, messages, steps = await self._chat(prompt, emit)
+        else:
+            text, calls, messages, steps = await self._planned(prompt, emit)
+        output = await self._structure(prompt, text) if self.output_type is not str else text
+        await emit(Final(RunResult(output, text, self.mode, calls, messages, steps)))
+
+    async def _chat(self, prompt: str, emit: Callable) -> tuple[str, list[ToolEnd], list[dict], int]:
+        messages: list[dict] = ([{"role": "system", "content": self.instructions}] if self.instructions else [])
+        messages.append({"role": "user", "content": prompt})
+        done: list[ToolEnd] = []
+        tools = self._offered(prompt)
+        for step in range(1, self.max_steps + 1):
+            final_turn = step == self.max_steps
+            choice = self.tool_choice if step == 1 else "auto"
+            options = ChatOptions(tools=[] if final_turn else tools, tool_choice=choice,
+                                  schema_options=self.grammar_options)
+            result: ChatResult | None = None
+            async for ev in self.backend.chat(messages, options, self.params):
+                if isinstance(ev, ChatResult):
+                    result = ev
+                elif ev.kind == "content":
+                    await emit(TextDelta(ev.text))
+            assert result is not None
+            calls = [c for c in result.tool_calls if c.complete]  # one cut by max_tokens never runs
+            if not calls:
+                messages.append({"role": "assistant", "content": result.content})
+                return result.content, done, messages, step
+            messages.append({"role": "assistant", "content": result.content or None, "tool_calls": [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in calls]})
+            ends = await self._call_tools(calls, emit)
+            done.extend(ends)
+            messages.extend({"role": "tool", "tool_call_id": e.call_id, "content": e.observation} for e in ends)
+        raise AssertionError("unreachable: the last turn offers no tools")
+
+    def _offered(self, prompt: str) -> list[dict]:
+        reg = self.registry
+        if self.tool_top_k is not None and len(reg) > self.tool_top_k:
+            reg = reg.select(prompt, k=self.tool_top_k) or reg
+        return [{"type": "function", "function": spec} for spec in reg.specs()]
+
+    async def _call_tools(self, calls, emit: Callable) -> list[ToolEnd]:
+        ends: list[ToolEnd | None] = [None] * len(calls)
+
+        async def one(i: int, call) -> None:
+            tool = self.registry.get(call.name)
+            try:
+                args = json.loads(call.arguments or "{}")
+            except json.JSONDecodeError:
+                args = None
+            await emit(ToolStart(call.id, call.name, args if isinstance(args, dict) else {}))
+            if tool is None:
+                ends[i] = ToolEnd(call.id, call.name, False, f"Error: there is no tool named {call.name!r}")
+            elif not isinstance(args, dict):
+                ends[i] = ToolEnd(call.id, call.name, False, "Error: the arguments are not a JSON object")
+            else:
+                r = await tool.invoke(args)
+                ends[i] = ToolEnd(call.id, call.name, r.ok, r.observation(), r.value)
+            await emit(ends[i])
+
+        async with anyio.create_task_group() as tg:  # calls of one turn are independent: run them together
+            for i, call in enumerate(calls):
+                tg.start_soon(one, i, call)
+        return [e for e in ends if e is not None]
+
+    async def _planned(self, prompt: str, emit: Callable) -> tuple[str, list[ToolEnd], list[dict], int]:
+        from agentrt import planner
+
+        params = self.params
+
+        def llm(text: str, grammar: str | None) -> AsyncIterator[str]:
+            return self.backend.text(text, grammar, params)
+
+        question = f"{self.instructions}\n\n{prompt}" if self.instructions else prompt
+        runner = {"plan": planner.run_plan, "dta": planner.run_dta, "react": planner.run_react}[self.mode]
+        kwargs = {"max_steps": self.max_steps} if self.mode == "react" else {}
+        run = await runner(question, llm, self.registry, tool_top_k=self.tool_top_k, **kwargs)
+        calls = []
+        for tid, task in sorted(run.state.tasks.items()):
+            r = run.state.results.get(tid)
+            if r is not None:
+                calls.append(ToolEnd(str(tid), task.tool, r.ok, r.observation(), r.value))
+        answer = run.answer or ""
+        await emit(TextDelta(answer))
+        return answer, calls, [{"role": "assistant", "content": o} for o in run.outputs], run.rounds
+
+    async def _structure(self, prompt: str, answer: str) -> T:
+        """Decode the final value under output_type's JSON schema."""
+        from pydantic import TypeAdapter
+
+        adapter = TypeAdapter(self.output_type)
+        schema = adapter.json_schema()
+        messages = [{"role": "user", "content": prompt}]
+        if answer:
+            messages += [{"role": "assistant", "content": answer},
+                         {"role": "user", "content": "Now give that answer as JSON."}]
+        options = ChatOptions(response_format={"type": "json_schema",
+                                               "json_schema": {"name": "output", "schema": schema}},
+                              schema_options=self.grammar_options)
+        result = None
+        async for ev in self.backend.chat(messages, options, self.params):
+            if isinstance(ev, ChatResult):
+                result = ev
+        assert result is not None
+        if result.finish_reason == "length":
+            raise InvalidRequestError(f"the structured answer was cut at max_tokens={self.params.max_tokens}: "
+                                      "raise max_tokens", param="max_tokens")
+        return adapter.validate_json(result.content)

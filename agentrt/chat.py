@@ -1,0 +1,279 @@
+"""Chat with tools on the local engine: prompts, constraints, and tool calls split out of the stream.
+
+Shared by the OpenAI-compatible server, the SDK and the terminal agent. Tool calls use agentrt's
+format, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, decoded under the `ToolCalls`
+grammar; `ToolCallStream` turns the text into content deltas and per-call name/argument deltas.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentrt.errors import InvalidRequestError
+from agentrt.grammar import TOOL_CALL_BEGIN, TOOL_CALL_END
+
+__all__ = ["ChatOptions", "ChatEvent", "ChatResult", "ToolCall", "ToolCallStream", "build_prompt", "chat_constraint",
+           "prepare_chat", "stream_chat"]
+
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # raw JSON text, exactly as streamed
+    complete: bool = False  # its closing tag arrived (False: cut short by max_tokens)
+
+
+@dataclass
+class ChatEvent:
+    """content: text delta; call_start: (index, id, name) of a new call; call_args: (index, fragment)."""
+
+    kind: str  # "content" | "call_start" | "call_args"
+    text: str = ""
+    index: int = 0
+    call_id: str = ""
+    name: str = ""
+
+
+@dataclass
+class ChatResult:
+    """The end of a chat turn: what was said, which tools were called, and why it stopped."""
+
+    content: str
+    tool_calls: list[ToolCall]
+    finish_reason: str  # stop | length | tool_calls | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    incomplete: bool = False
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
+class ToolCallStream:
+    """Splits model text into content and tool calls as it arrives.
+
+    Argument fragments are raw slices of the model's text, so they concatenate to exactly the
+    `arguments` string of the finished call. The envelope's closing brace and a partial end tag
+    are held back until they can be told apart from the arguments.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[ToolCall] = []
+        self.content = ""
+        self._ws = ""  # whitespace held back: shown only once more text follows it
+        self._buf = ""  # outside a block: text not yet shown
+        self._block: str | None = None  # inside a block: its text so far
+        self._args_start = -1
+        self._sent = 0  # argument characters already streamed for the open call
+
+    def push(self, text: str) -> list[ChatEvent]:
+        events: list[ChatEvent] = []
+        if self._block is None:
+            self._buf += text
+        else:
+            self._block += text
+        while True:
+            if self._block is None:
+                i = self._buf.find(TOOL_CALL_BEGIN)
+                if i < 0:
+                    keep = _partial_suffix(self._buf, TOOL_CALL_BEGIN)
+                    self._content(events, self._buf[:len(self._buf) - keep])
+                    self._buf = self._buf[len(self._buf) - keep:]
+                    return events
+                self._content(events, self._buf[:i])
+                self._block, self._buf, self._args_start, self._sent = self._buf[i + len(TOOL_CALL_BEGIN):], "", -1, 0
+            if self._args_start < 0:
+                m = _HEAD.match(self._block)
+                if m is None:
+                    return events
+                name = json.loads(m.group(1))
+                call = ToolCall(f"call_{secrets.token_hex(12)}", name, "")
+                self.calls.append(call)
+                self._args_start = m.end()
+                events.append(ChatEvent("call_start", index=len(self.calls) - 1, call_id=call.id, name=name))
+            end = self._block.find(TOOL_CALL_END, self._args_start)
+            args = self._block[self._args_start:end if end >= 0 else len(self._block)]
+            if end < 0:
+                safe = args.rfind("}")  # may be the envelope's closing brace: hold it back
+                self._args(events, args[:safe] if safe >= 0 else args[:len(args) - _partial_suffix(args, TOOL_CALL_END)])
+                return events
+            args = args.rstrip()
+            args = args[:-1].rstrip() if args.endswith("}") else args
+            self._args(events, args)
+            self.calls[-1].complete = True
+            rest = self._block[end + len(TOOL_CALL_END):]
+            self._block, self._buf = None, rest
+
+    def finish(self) -> list[ChatEvent]:
+        """End of output: flush held-back text; an unterminated call keeps what it has."""
+        events: list[ChatEvent] = []
+        if self._block is None:
+            self._content(events, self._buf)
+        elif self._args_start >= 0:  # cut short (length): the call keeps the arguments it has
+            self._args(events, self._block[self._args_start:])
+        # a block cut before its name is complete carries nothing a client could use: dropped
+        self._buf, self._block, self._ws = "", None, ""
+        return events
+
+    def _content(self, events: list[ChatEvent], text: str) -> None:
+        # trailing whitespace waits for more text: before a call or at the end it is never shown
+        text = self._ws + text
+        shown = text.rstrip()
+        self._ws = text[len(shown):]
+        if not shown:
+            return
+        text = shown
+        self.content += text
+        events.append(ChatEvent("content", text))
+
+    def _args(self, events: list[ChatEvent], upto: str) -> None:
+        if len(upto) > self._sent:
+            frag = upto[self._sent:]
+            self._sent = len(upto)
+            self.calls[-1].arguments += frag
+            events.append(ChatEvent("call_args", frag, index=len(self.calls) - 1))
+
+
+@dataclass
+class ChatOptions:
+    """What a chat request asks for beyond its messages (OpenAI's names)."""
+
+    tools: list[dict] = field(default_factory=list)
+    tool_choice: str | dict = "auto"
+    parallel_tool_calls: bool = True
+    response_format: dict | None = None
+    grammar: str | None = None  # an xgrammar EBNF (vLLM's `guided_grammar`, SGLang's `ebnf`)
+    schema_options: dict = field(default_factory=dict)  # e.g. max_string_length, max_number_digits
+
+
+def _text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    raise InvalidRequestError(f"unsupported message content {type(content).__name__}", param="messages")
+
+
+def _tool_instructions(tools: list[dict]) -> str:
+    from agentrt.grammar import ToolSpec
+
+    specs = [ToolSpec.parse(t) for t in tools]
+    lines = "\n".join(json.dumps({"name": s.name, "description": s.description, "parameters": s.parameters},
+                                 ensure_ascii=False) for s in specs)
+    return ("You can call these tools:\n<tools>\n" + lines + "\n</tools>\n"
+            'To call a tool, write <tool_call>{"name": <tool name>, "arguments": <JSON object>}</tool_call>. '
+            "Write one block per call; independent calls may follow each other. "
+            "Tool results come back in <tool_response> blocks.")
+
+
+def build_prompt(tokenizer, messages: list[dict], options: ChatOptions) -> list[int]:
+    """Token ids for `messages` (OpenAI shape) under the model's chat template, tools described."""
+    if not messages:
+        raise InvalidRequestError("messages must not be empty", param="messages")
+    template = tokenizer.chat_template or ""
+    native_tools = "tools" in template and "tool_call" in template
+    out: list[dict] = []
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise InvalidRequestError(f"messages[{i}].role {role!r} is not one of system, user, assistant, tool",
+                                      param=f"messages[{i}].role")
+        text = _text(m.get("content"))
+        if role == "developer":
+            role = "system"
+        if role == "assistant" and m.get("tool_calls"):
+            from agentrt.grammar import render_tool_call
+
+            for call in m["tool_calls"]:
+                fn = call.get("function", call)
+                args = fn.get("arguments") or "{}"
+                try:
+                    args = json.loads(args) if isinstance(args, str) else args
+                except json.JSONDecodeError as exc:
+                    raise InvalidRequestError(f"messages[{i}] has a tool call whose arguments are not JSON",
+                                              param=f"messages[{i}].tool_calls") from exc
+                text += render_tool_call(fn.get("name", ""), args)
+        if role == "tool" and not native_tools:
+            role, text = "user", f"<tool_response>\n{text}\n</tool_response>"
+        out.append({"role": role, "content": text})
+    kwargs: dict[str, Any] = {}
+    if options.tools and options.tool_choice != "none":
+        if native_tools:
+            kwargs["tools"] = options.tools
+        else:
+            instructions = _tool_instructions(options.tools)
+            if out[0]["role"] == "system":
+                out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + instructions}
+            else:
+                out.insert(0, {"role": "system", "content": instructions})
+    ids = tokenizer.apply_chat_template(out, add_generation_prompt=True, tokenize=True, return_dict=False, **kwargs)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def chat_constraint(options: ChatOptions, **schema_options: Any):
+    """The grammar for a request: tool calls when tools are offered, else its response_format."""
+    from agentrt import grammar
+
+    if options.grammar is not None:
+        return grammar.Ebnf(options.grammar)
+    if options.tools and options.tool_choice != "none":
+        return grammar.ToolCalls(options.tools, options.tool_choice, parallel=options.parallel_tool_calls,
+                                 **schema_options)
+    fmt = options.response_format or {"type": "text"}
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return grammar.Json()
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise InvalidRequestError("response_format.json_schema.schema must be a JSON schema object",
+                                      param="response_format")
+        return grammar.JsonSchema(spec["schema"], strict=spec.get("strict"), **schema_options)
+    raise InvalidRequestError(f"response_format type {kind!r} is not one of text, json_object, json_schema",
+                              param="response_format")
+
+
+async def prepare_chat(engine, compiler, messages: list[dict], options: ChatOptions):
+    """Prompt ids and (when the request needs one) a grammar matcher; bad input raises here, before
+    anything is streamed."""
+    from agentrt.grammar import Matcher
+
+    prompt_ids = build_prompt(engine.tokenizer, messages, options)
+    constraint = chat_constraint(options, **options.schema_options)
+    if constraint is None:
+        return prompt_ids, None
+    compiled = await compiler.compile_async(constraint)
+    return prompt_ids, Matcher(compiled, stop_token_ids=sorted(engine.eos_token_ids))
+
+
+async def stream_chat(engine, prompt_ids: list[int], matcher, params) -> AsyncIterator[ChatEvent | ChatResult]:
+    """Decode a chat turn: yields ChatEvents as text arrives, then one ChatResult."""
+    splitter = ToolCallStream()
+    async for out in engine.stream(prompt_ids, params, matcher):
+        for event in splitter.push(out.text):
+            yield event
+        if out.finish_reason is not None:
+            for event in splitter.finish():
+                yield event
+            reason = "tool_calls" if splitter.calls and out.finish_reason == "stop" else out.finish_reason
+            yield ChatResult(splitter.content, splitter.calls, reason, out.prompt_tokens, out.completion_tokens,
+                             out.incomplete)

@@ -1,0 +1,241 @@
+"""OpenAI-compatible HTTP server (FastAPI): chat completions with tools and structured output.
+
+Follows the Chat Completions contract as vLLM and SGLang implement it: `tools` / `tool_choice` /
+`parallel_tool_calls` and `response_format` are enforced by grammars, streaming uses SSE with
+tool-call deltas, errors use OpenAI's `{"error": {...}}` shape. A client that disconnects cancels
+its generation, which frees its KV pages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from agentrt.chat import ChatEvent, ChatOptions, ChatResult, prepare_chat, stream_chat
+from agentrt.errors import (AgentrtError, ContextLengthError, EngineClosedError, InvalidRequestError,
+                            ModelNotFoundError)
+from agentrt.sampling import SamplingParams
+
+__all__ = ["create_app", "ChatCompletionRequest", "serve"]
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 8 << 20
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    response_format: dict[str, Any] | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = 1
+    guided_grammar: str | None = None  # extension (vLLM's name): decode under this EBNF
+    ebnf: str | None = None  # the same extension under SGLang's name
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
+
+
+def _error_for(exc: AgentrtError) -> JSONResponse:
+    if isinstance(exc, ModelNotFoundError):
+        return _error(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, ContextLengthError):
+        return _error(400, str(exc), param=exc.param, code="context_length_exceeded")
+    if isinstance(exc, InvalidRequestError):
+        return _error(400, str(exc), param=exc.param)
+    if isinstance(exc, EngineClosedError):
+        return _error(503, str(exc), type_="server_error")
+    return _error(500, str(exc), type_="server_error")
+
+
+class _Guard:
+    """Body-size limit and API key, as plain ASGI (BaseHTTPMiddleware would hide client disconnects)."""
+
+    def __init__(self, app, api_key: str | None) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) > MAX_BODY_BYTES:
+                return await _error(413, f"request body of {length} bytes exceeds the limit of {MAX_BODY_BYTES} "
+                                         "bytes")(scope, receive, send)
+            if self.api_key is not None and scope["path"].startswith("/v1/"):
+                if headers.get("authorization") != f"Bearer {self.api_key}":
+                    return await _error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                        code="invalid_api_key")(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def create_app(engine, *, api_key: str | None = None, model_names: list[str] | None = None) -> FastAPI:
+    """An app serving `engine` (an agentrt Engine). `model_names`: the ids clients may ask for."""
+    from agentrt.grammar import GrammarCompiler
+
+    names = model_names or [engine.name or "agentrt"]
+    compiler = GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size)
+    app = FastAPI(title="agentrt", version="0.1.0")
+    app.state.engine = engine
+    created = int(time.time())
+
+    app.add_middleware(_Guard, api_key=api_key)
+
+    @app.exception_handler(AgentrtError)
+    async def agentrt_error(_: Request, exc: AgentrtError) -> JSONResponse:
+        return _error_for(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", []) if p != "body"]
+        return _error(400, f"invalid request: {first.get('msg', 'malformed body')} at {'.'.join(loc) or 'body'}",
+                      param=".".join(loc) or None)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "active_requests": engine.num_active}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list",
+                "data": [{"id": n, "object": "model", "created": created, "owned_by": "agentrt"} for n in names]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        if body.model not in names:
+            raise ModelNotFoundError(body.model, names)
+        if body.n != 1:
+            raise InvalidRequestError("only n=1 is supported", param="n")
+        options = ChatOptions(tools=body.tools or [], tool_choice=body.tool_choice or "auto",
+                              parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format,
+                              grammar=body.guided_grammar or body.ebnf)
+        prompt_ids, matcher = await prepare_chat(engine, compiler, body.messages, options)
+        params = _sampling(body, len(prompt_ids), engine.max_context)
+        rid = f"chatcmpl-{secrets.token_hex(12)}"
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_sse(engine, prompt_ids, matcher, params, rid, body.model, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        result: ChatResult | None = None
+
+        async def run(scope: anyio.CancelScope) -> None:
+            nonlocal result
+            async for ev in stream_chat(engine, prompt_ids, matcher, params):
+                if isinstance(ev, ChatResult):
+                    result = ev
+            scope.cancel()
+
+        async def watch(scope: anyio.CancelScope) -> None:
+            while not await request.is_disconnected():
+                await anyio.sleep(0.05)
+            log.info("%s: client disconnected, cancelling", rid)
+            scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, tg.cancel_scope)
+            tg.start_soon(watch, tg.cancel_scope)
+        if result is None:  # the client went away; nobody reads this
+            return Response(status_code=499)
+        message: dict[str, Any] = {"role": "assistant", "content": result.content or None}
+        if result.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments}}
+                                     for c in result.tool_calls]
+        return JSONResponse({
+            "id": rid, "object": "chat.completion", "created": int(time.time()), "model": body.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}],
+            "usage": _usage(result),
+        })
+
+    return app
+
+
+def _sampling(body: ChatCompletionRequest, prompt_len: int, max_context: int) -> SamplingParams:
+    limit = body.max_completion_tokens or body.max_tokens
+    room = max_context - prompt_len
+    if room < 1:
+        raise ContextLengthError(prompt_len, max_context)
+    if limit is not None and limit > room:
+        raise ContextLengthError(prompt_len, max_context, requested=limit)
+    if body.stop is not None and not isinstance(body.stop, (str, list)):
+        raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
+    return SamplingParams(
+        max_tokens=limit if limit is not None else room,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+    )
+
+
+def _usage(result: ChatResult) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+async def _sse(engine, prompt_ids, matcher, params, rid: str, model: str, include_usage: bool):
+    created = int(time.time())
+
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
+        obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                               "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+                               if choices else []}
+        if usage is not None:
+            obj["usage"] = usage
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        async for ev in stream_chat(engine, prompt_ids, matcher, params):
+            if isinstance(ev, ChatResult):
+                yield chunk({}, ev.finish_reason)
+                if include_usage:
+                    yield chunk({}, usage=_usage(ev), choices=False)
+            elif ev.kind == "content":
+                yield chunk({"content": ev.text})
+            elif ev.kind == "call_start":
+                yield chunk({"tool_calls": [{"index": ev.index, "id": ev.call_id, "type": "function",
+                                             "function": {"name": ev.name, "arguments": ""}}]})
+            else:
+                yield chunk({"tool_calls": [{"index": ev.index, "function": {"arguments": ev.text}}]})
+    except AgentrtError as exc:  # the status line is gone: report in-band, as OpenAI does
+        log.warning("%s failed mid-stream: %s", rid, exc)
+        yield f"data: {json.dumps(json.loads(_error_for(exc).body))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          device: str | None = None) -> None:
+    """Load `model` and serve it until interrupted (what `agentrt serve` runs)."""
+    import uvicorn
+
+    from agentrt.engine import Engine
+
+    engine = Engine.load(model, device=device)
+    try:
+        uvicorn.run(create_app(engine, api_key=api_key), host=host, port=port, log_level="info")
+    finally:
+        engine.close()

@@ -1,0 +1,300 @@
+"""JSON-schema normalisation before a schema becomes a grammar.
+
+Maps BFCL-style types (`dict`, `float`, `tuple`, `any`, ...) and transformers' `nullable` to JSON
+Schema, applies OpenAI `strict: true` semantics, merges simple `allOf`s, and reports every keyword
+the grammar cannot enforce as a warning instead of silently loosening it (XGrammar's known trap).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import xgrammar as xgr
+
+from agentrt.errors import GrammarError
+
+__all__ = ["NormalizedSchema", "normalize_schema"]
+
+# BFCL / Python / Java-ish type names → JSON Schema types (None: no type constraint).
+_TYPE_ALIASES: dict[str, str | None] = {
+    "dict": "object", "object": "object", "hashmap": "object", "map": "object",
+    "float": "number", "double": "number", "number": "number",
+    "integer": "integer", "int": "integer", "long": "integer", "short": "integer", "byte": "integer",
+    "tuple": "array", "list": "array", "array": "array", "arraylist": "array",
+    "string": "string", "str": "string", "char": "string", "character": "string",
+    "boolean": "boolean", "bool": "boolean",
+    "null": "null", "none": "null",
+    "any": None,
+}
+
+# Validation keywords the grammar does not enforce (xgrammar 0.2.8, checked by tests/grammar).
+_UNENFORCED = {
+    "uniqueItems": lambda v: v is True,
+    "contains": None, "minContains": None, "maxContains": None,
+    "dependentRequired": None, "dependencies": None, "dependentSchemas": None,
+    "not": None, "if": None, "then": None, "else": None,
+    "unevaluatedProperties": None, "unevaluatedItems": None,
+}
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_ONE = ("items", "additionalProperties", "additionalItems", "propertyNames", "not", "if", "then",
+                  "else", "contains", "unevaluatedProperties", "unevaluatedItems")
+_ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "readOnly", "writeOnly",
+                "deprecated", "$schema", "$id", "id"}
+_RANGE_KEYS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+_LOOKAROUND = re.compile(r"\(\?<?[=!]")
+_LOWER_BOUNDS = {"minimum", "exclusiveMinimum", "minLength", "minItems", "minProperties"}
+_UPPER_BOUNDS = {"maximum", "exclusiveMaximum", "maxLength", "maxItems", "maxProperties"}
+
+
+@dataclass
+class NormalizedSchema:
+    schema: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def normalize_schema(
+    schema: dict[str, Any] | bool,
+    *,
+    strict: bool | None = None,
+    allow_undeclared: bool = False,
+    max_integer_digits: int | None = None,
+    max_string_length: int | None = None,
+) -> NormalizedSchema:
+    """Return a copy of `schema` the grammar compiler understands, plus warnings.
+
+    `strict` applies OpenAI structured-output semantics to every object (all properties required,
+    no others); None reads `strict` from the schema itself. `allow_undeclared` says whether objects
+    may carry properties their schema does not name when it does not say (JSON Schema's default);
+    `max_integer_digits` bounds integers without bounds of their own, `max_string_length` strings
+    that have a `minLength` but no `maxLength` (other strings are capped in the grammar itself).
+    """
+    if schema is True:
+        schema = {}
+    if not isinstance(schema, dict):
+        raise GrammarError(f"a JSON schema must be an object or true, got {schema!r}", param="schema")
+    out = copy.deepcopy(schema)
+    if strict is None:
+        strict = out.get("strict") is True
+    out.pop("strict", None)
+    norm = _Normalizer(strict=strict, allow_undeclared=allow_undeclared, max_integer_digits=max_integer_digits,
+                       max_string_length=max_string_length)
+    out = norm.walk(out, "")
+    return NormalizedSchema(out, norm.warnings)
+
+
+class _Normalizer:
+    def __init__(self, *, strict: bool, allow_undeclared: bool, max_integer_digits: int | None,
+                 max_string_length: int | None) -> None:
+        self.max_string_length = max_string_length
+        self.strict = strict
+        self.allow_undeclared = allow_undeclared
+        self.max_integer_digits = max_integer_digits
+        self.warnings: list[str] = []
+
+    def warn(self, path: str, msg: str) -> None:
+        self.warnings.append(f"{path or '/'}: {msg}")
+
+    def walk(self, s: Any, path: str) -> Any:
+        if s is True:
+            return {}
+        if not isinstance(s, dict):
+            return s
+        self._types(s, path)
+        if s.pop("nullable", False) is True:
+            s = self._nullable(s)
+        if "allOf" in s:
+            s = self._merge_all_of(s, path)
+        if _types_of(s) == {"array"} and isinstance(s.get("enum"), list) and s["enum"] and not any(
+            isinstance(v, (list, dict)) for v in s["enum"]
+        ):  # BFCL writes the items' enum on the array itself
+            items = s.get("items") if isinstance(s.get("items"), dict) else {}
+            items.setdefault("enum", s.pop("enum"))
+            s["items"] = items
+            self.warn(path, "'enum' of scalars on an array was moved to its items")
+        if isinstance(s.get("items"), list):  # draft-4 tuple form
+            s["prefixItems"] = s.pop("items")
+            extra = s.pop("additionalItems", None)
+            if extra is not None:
+                s["items"] = extra
+        for key, check in _UNENFORCED.items():
+            if key in s and (check is None or check(s[key])):
+                self.warn(path, f"'{key}' is not enforced by the grammar; outputs may violate it")
+        for key in ("anyOf", "oneOf"):
+            if isinstance(s.get(key), list) and ("properties" in s or "required" in s):
+                self.warn(path, f"'{key}' next to 'properties'/'required' in the same schema is only partly enforced")
+        if isinstance(s.get("oneOf"), list) and len(s["oneOf"]) > 1 and not _disjoint_types(s["oneOf"]):
+            self.warn(path, "'oneOf' branches may overlap; the grammar enforces 'anyOf' (at least one branch)")
+        if "multipleOf" in s and _types_of(s) != {"integer"}:
+            self.warn(path, "'multipleOf' on non-integers is not enforced by the grammar")
+        if "format" in s and not _format_supported(str(s["format"])):
+            self.warn(path, f"format {s['format']!r} is not enforced by the grammar")
+        if ("pattern" in s or "format" in s) and ("minLength" in s or "maxLength" in s):
+            self.warn(path, "'minLength'/'maxLength' next to 'pattern' or 'format' are not enforced by the grammar")
+        if "multipleOf" in s and _types_of(s) == {"integer"} and _RANGE_KEYS & s.keys():
+            self.warn(path, "'multipleOf' together with a range is not enforced by the grammar")
+        if isinstance(s.get("pattern"), str):
+            if _LOOKAROUND.search(s["pattern"]):
+                self.warn(path, "lookaround assertions in 'pattern' are ignored by the grammar")
+            s["pattern"] = _anchor(s["pattern"])
+        for key in _SUBSCHEMA_MAPS:
+            if isinstance(s.get(key), dict):
+                s[key] = {k: self.walk(v, f"{path}/{key}/{k}") for k, v in s[key].items()}
+        for key in _SUBSCHEMA_LISTS:
+            if isinstance(s.get(key), list):
+                s[key] = [self.walk(v, f"{path}/{key}/{i}") for i, v in enumerate(s[key])]
+        for key in _SUBSCHEMA_ONE:
+            if isinstance(s.get(key), dict):
+                s[key] = self.walk(s[key], f"{path}/{key}")
+        if isinstance(s.get("properties"), dict):
+            self._forbidden_properties(s, path)
+        if "object" in _types_of(s) or "properties" in s:
+            self._object_rules(s)
+        if "array" in _types_of(s) and "items" not in s and "prefixItems" not in s:
+            s["items"] = {}  # xgrammar's closed mode would otherwise allow only []
+        if (self.max_integer_digits and _types_of(s) == {"integer"} and not {"enum", "const", "multipleOf"} & s.keys()):
+            bound = 10**self.max_integer_digits - 1
+            s.setdefault("minimum", -bound)
+            s.setdefault("maximum", bound)
+        if self.max_string_length and "minLength" in s and "maxLength" not in s and _types_of(s) == {"string"}:
+            s["maxLength"] = max(self.max_string_length, s["minLength"])
+        return s
+
+    def _types(self, s: dict[str, Any], path: str) -> None:
+        t = s.get("type")
+        if t is None:
+            return
+        names = t if isinstance(t, list) else [t]
+        mapped: list[str] = []
+        for name in names:
+            if not isinstance(name, str) or name.lower() not in _TYPE_ALIASES:
+                raise GrammarError(f"{path or '/'}: unknown schema type {name!r}", param="schema")
+            m = _TYPE_ALIASES[name.lower()]
+            if m is None:  # `any` anywhere in the list means no type constraint
+                s.pop("type")
+                return
+            if m not in mapped:
+                mapped.append(m)
+        s["type"] = mapped[0] if len(mapped) == 1 else mapped
+
+    def _nullable(self, s: dict[str, Any]) -> dict[str, Any]:
+        if "enum" in s and None not in s["enum"]:
+            s["enum"] = [*s["enum"], None]
+        t = s.get("type")
+        if isinstance(t, str):
+            s["type"] = [t, "null"]
+            return s
+        if isinstance(t, list):
+            s["type"] = t if "null" in t else [*t, "null"]
+            return s
+        if "enum" in s or "const" in s:
+            return s if "enum" in s else {"anyOf": [s, {"type": "null"}]}
+        return {"anyOf": [s, {"type": "null"}]} if s else s
+
+    def _object_rules(self, s: dict[str, Any]) -> None:
+        if self.strict:
+            props = s.get("properties") or {}
+            s["required"] = list(props)
+            s["additionalProperties"] = False
+        elif "additionalProperties" not in s and "unevaluatedProperties" not in s and (
+            self.allow_undeclared or not (s.get("properties") or s.get("patternProperties"))
+        ):  # closed by default only where the schema names properties; `{"type": "object"}` stays open
+            s["additionalProperties"] = True
+
+    def _forbidden_properties(self, s: dict[str, Any], path: str) -> None:
+        # {"properties": {"x": false}}: the grammar cannot express `false`; drop it and say so
+        for name, sub in list(s["properties"].items()):
+            if sub is False:
+                del s["properties"][name]
+                if name in s.get("required", []):
+                    raise GrammarError(f"{path}/properties/{name}: required but forbidden (false)", param="schema")
+                if not self.strict and s.get("additionalProperties", self.allow_undeclared) is not False:
+                    self.warn(path, f"property {name!r} is forbidden (false) but may still appear as an extra")
+
+    def _merge_all_of(self, s: dict[str, Any], path: str) -> dict[str, Any]:
+        branches = s.pop("allOf")
+        merged: dict[str, Any] = s
+        rest: list[Any] = []
+        for b in branches:
+            if b is True or b == {}:
+                continue
+            if not isinstance(b, dict) or "$ref" in b or not _merge_into(merged, copy.deepcopy(b)):
+                rest.append(b)
+        if rest:
+            self.warn(path, "'allOf' with references or conflicting keywords is only partly enforced")
+            merged["allOf"] = rest
+        return merged
+
+
+def _types_of(s: dict[str, Any]) -> set[str]:
+    t = s.get("type")
+    return {t} if isinstance(t, str) else set(t or ())
+
+
+def _disjoint_types(branches: list[Any]) -> bool:
+    seen: set[str] = set()
+    for b in branches:
+        t = _types_of(b) if isinstance(b, dict) else set()
+        if not t or t & seen or ({"integer", "number"} <= (t | seen)):
+            return False
+        seen |= t
+    return True
+
+
+def _merge_into(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Merge schema `b` into `a` (both must hold); False, with `a` untouched, on a conflict."""
+    trial = dict(a)
+    for k, v in b.items():
+        if k not in trial or k in _ANNOTATIONS:
+            trial.setdefault(k, v)
+        elif k == "properties":
+            props = dict(trial[k])
+            for name, sub in v.items():
+                props[name] = {"allOf": [props[name], sub]} if name in props else sub
+            trial[k] = props
+        elif k == "required":
+            trial[k] = list(dict.fromkeys([*trial[k], *v]))
+        elif k == "type":
+            ta = set(trial[k]) if isinstance(trial[k], list) else {trial[k]}
+            tb = set(v) if isinstance(v, list) else {v}
+            both = ta & tb | ({"integer"} if ("number" in ta and "integer" in tb) or
+                              ("integer" in ta and "number" in tb) else set())
+            if not both:
+                return False
+            trial[k] = sorted(both) if len(both) > 1 else both.pop()
+        elif k in _LOWER_BOUNDS and isinstance(v, (int, float)):
+            trial[k] = max(trial[k], v)
+        elif k in _UPPER_BOUNDS and isinstance(v, (int, float)):
+            trial[k] = min(trial[k], v)
+        elif trial[k] != v:
+            return False
+    a.clear()
+    a.update(trial)
+    return True
+
+
+def _anchor(pattern: str) -> str:
+    """JSON Schema patterns match anywhere in the string; xgrammar matches the whole string."""
+    start = pattern.startswith("^")
+    end = pattern.endswith("$") and not pattern.endswith("\\$")
+    if start and end:
+        return pattern[1:-1]
+    core = pattern[1 if start else 0 : len(pattern) - 1 if end else len(pattern)]
+    return ("" if start else ".*") + f"(?:{core})" + ("" if end else ".*")
+
+
+@functools.lru_cache(maxsize=None)
+def _format_supported(fmt: str) -> bool:
+    # a format xgrammar ignores compiles to the same grammar as a plain string
+    def text(schema: dict[str, Any]) -> str:
+        return str(xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":")))
+
+    try:
+        return text({"type": "string", "format": fmt}) != text({"type": "string", "format": "-no-such-format-"})
+    except RuntimeError:
+        return False
+

@@ -1,0 +1,171 @@
+"""Tool-call envelopes: `<tool_call>{"name":...,"arguments":{...}}</tool_call>` blocks whose arguments
+follow each tool's schema, built on xgrammar structural tags (free text until the tag starts under
+`auto`; calls only under `required` or a named tool).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal
+
+import xgrammar as xgr
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agentrt.errors import GrammarError
+from agentrt.grammar._constraints import Constraint, JsonSchema
+from agentrt.grammar._json import _first_line
+
+__all__ = ["ToolSpec", "ToolCalls", "render_tool_call", "parse_tool_calls", "TOOL_CALL_BEGIN", "TOOL_CALL_END"]
+
+TOOL_CALL_BEGIN = "<tool_call>"
+TOOL_CALL_END = "</tool_call>"
+_CALL_SEPARATOR = "\n"
+
+
+class ToolSpec(BaseModel):
+    """One callable tool as the model sees it (OpenAI function shape)."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1)
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+    @classmethod
+    def parse(cls, tool: Any) -> ToolSpec:
+        """Accept `{"name", "description", "parameters"}`, `{"type": "function", "function": {...}}`,
+        a ToolSpec, or anything with a `to_openai()` / `openai_schema()` method returning one of those."""
+        if isinstance(tool, ToolSpec):
+            return tool
+        for attr in ("to_openai", "openai_schema"):
+            if callable(getattr(tool, attr, None)):
+                tool = getattr(tool, attr)()
+                break
+        if isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("function"), dict):
+            tool = tool["function"]
+        try:
+            return cls.model_validate(tool)
+        except ValidationError as e:
+            raise GrammarError(f"invalid tool definition: {e.errors()[0]['msg']} in {tool!r:.120}", param="tools") from e
+
+
+ToolChoice = Literal["auto", "required", "none"] | dict[str, Any]
+
+
+class ToolCalls(Constraint):
+    """Free text and/or tool calls in agentrt's tool-call format.
+
+    `choice="auto"`: text, with calls constrained once `<tool_call>` starts; `"required"`: one or
+    more calls and nothing else; `{"name": f}` (or OpenAI's `{"type": "function", "function":
+    {"name": f}}`): calls to `f` only; `"none"`: text that never opens a call. `parallel=False`
+    allows at most one call. Schema options (`max_string_length`, ...) apply to every tool's
+    arguments.
+    """
+
+    def __init__(
+        self,
+        tools: list[Any],
+        choice: ToolChoice = "auto",
+        *,
+        parallel: bool = True,
+        separators: tuple[str, str] = (",", ":"),
+        **schema_options: Any,
+    ) -> None:
+        self.tools = [ToolSpec.parse(t) for t in tools]
+        names = [t.name for t in self.tools]
+        if len(set(names)) != len(names):
+            raise GrammarError(f"duplicate tool names in {names}", param="tools")
+        self.choice = _choice_name(choice, names)
+        if self.choice == "required" and not self.tools:
+            raise GrammarError("tool_choice 'required' needs at least one tool", param="tool_choice")
+        self.parallel = parallel
+        self.separators = (separators[0], separators[1])
+        self.schema_options = schema_options
+
+    def _identity(self) -> Any:
+        return [[t.model_dump() for t in self.tools], self.choice, self.parallel, self.separators,
+                sorted(self.schema_options.items())]
+
+    def structural_tag(self) -> tuple[dict[str, Any], list[str]]:
+        """The xgrammar structural tag (as a dict) and warnings about the tools' schemas."""
+        if self.choice == "none" or not self.tools:
+            return {"type": "structural_tag", "format": {"type": "any_text", "excludes": [TOOL_CALL_BEGIN]}}, []
+        warnings: list[str] = []
+        tags = []
+        for tool in self.tools:
+            if self.choice not in ("auto", "required") and tool.name != self.choice:
+                continue
+            schema = JsonSchema(tool.parameters, strict=tool.strict, separators=self.separators, **self.schema_options)
+            try:
+                text, ws = schema.ebnf()
+            except GrammarError as e:
+                raise GrammarError(f"tool {tool.name!r}: {e}", param="tools") from e
+            warnings += [f"tool {tool.name!r}: {w}" for w in ws]
+            begin, end = _envelope(tool.name, self.separators)
+            tags.append({"type": "tag", "begin": begin, "content": {"type": "grammar", "grammar": text}, "end": end})
+        if self.choice == "auto":
+            fmt = {"type": "triggered_tags", "triggers": [TOOL_CALL_BEGIN], "tags": tags,
+                   "at_least_one": False, "stop_after_first": not self.parallel}
+        else:
+            fmt = {"type": "tags_with_separator", "tags": tags, "separator": _CALL_SEPARATOR,
+                   "at_least_one": True, "stop_after_first": not self.parallel}
+        return {"type": "structural_tag", "format": fmt}, warnings
+
+    def build(self) -> tuple[xgr.Grammar, list[str]]:
+        tag, warnings = self.structural_tag()
+        try:
+            return xgr.Grammar.from_structural_tag(tag), warnings
+        except (RuntimeError, ValueError) as e:
+            raise GrammarError(f"cannot compile the tool-call grammar: {_first_line(e)}", param="tools") from e
+
+
+def render_tool_call(name: str, arguments: dict[str, Any], *, separators: tuple[str, str] = (",", ":")) -> str:
+    """One call exactly as the `ToolCalls` grammar (default layout) lets the model write it."""
+    begin, end = _envelope(name, separators)
+    return begin + json.dumps(arguments, separators=separators, ensure_ascii=False) + end
+
+
+_CALL_RE = re.compile(re.escape(TOOL_CALL_BEGIN) + r"(.*?)" + re.escape(TOOL_CALL_END), re.S)
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """Split model output into its free text and its calls `[{"name", "arguments"}]`.
+
+    A block that is not valid JSON with a string `name` stays in the text (it cannot come out of
+    the grammar, but unconstrained backends may produce it).
+    """
+    calls: list[dict[str, Any]] = []
+    kept: list[str] = []
+    pos = 0
+    for m in _CALL_RE.finditer(text):
+        try:
+            obj = json.loads(m.group(1))
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            continue
+        calls.append({"name": obj["name"], "arguments": obj.get("arguments") or {}})
+        kept.append(text[pos : m.start()])
+        pos = m.end()
+    kept.append(text[pos:])
+    return "".join(kept).strip(), calls
+
+
+def _envelope(name: str, separators: tuple[str, str]) -> tuple[str, str]:
+    comma, colon = separators
+    name_json = json.dumps(name, ensure_ascii=False)
+    return f'{TOOL_CALL_BEGIN}{{"name"{colon}{name_json}{comma}"arguments"{colon}', f"}}{TOOL_CALL_END}"
+
+
+def _choice_name(choice: ToolChoice, names: list[str]) -> str:
+    if isinstance(choice, dict):
+        fn = choice.get("function") if choice.get("type") == "function" else choice
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if name not in names:
+            raise GrammarError(f"tool_choice names {name!r}, which is not among the tools {names}", param="tool_choice")
+        return name
+    if choice not in ("auto", "required", "none"):
+        raise GrammarError(f"tool_choice must be 'auto', 'required', 'none' or {{'name': ...}}, got {choice!r}",
+                           param="tool_choice")
+    return choice

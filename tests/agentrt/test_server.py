@@ -1,0 +1,258 @@
+"""The OpenAI-compatible server: a real uvicorn on 127.0.0.1 driven by the official openai client,
+plus in-process httpx (ASGITransport) tests for every documented error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import jsonschema
+import pytest
+
+from agentrt.server import create_app
+from conftest import LiveServer
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
+                   "required": ["city"]}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "description": "Add two integers",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"]}}}
+
+
+@pytest.fixture(scope="module")
+def smol_server(smol_engine):
+    live = LiveServer(create_app(smol_engine, model_names=["smollm2-135m"]))
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def tiny_server(tiny_engine):
+    live = LiveServer(create_app(tiny_engine, model_names=["tiny-random"]))
+    yield live
+    live.stop()
+
+
+def client(live):
+    from openai import OpenAI
+
+    return OpenAI(base_url=live.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+# --- the openai client against smollm2-135m ---------------------------------------------------
+
+
+@pytest.mark.slow
+def test_plain_chat(smol_server):
+    r = client(smol_server).chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0, max_tokens=24)
+    assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert [m.id for m in client(smol_server).models.list().data] == ["smollm2-135m"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_forced_tool_call_follows_the_schema(smol_server, choice):
+    r = client(smol_server).chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+        tools=[WEATHER, ADD], tool_choice=choice, parallel_tool_calls=False, temperature=0, max_tokens=60)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and len(msg.tool_calls) == 1
+    call = msg.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_")
+    args = json.loads(call.function.arguments)
+    if isinstance(choice, dict):
+        assert call.function.name == "get_weather"
+    schema = {"get_weather": WEATHER, "add": ADD}[call.function.name]["function"]["parameters"]
+    jsonschema.validate(args, schema)
+
+
+@pytest.mark.slow
+def test_tool_choice_none_never_calls(smol_server):
+    r = client(smol_server).chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+        tools=[WEATHER], tool_choice="none", temperature=0, max_tokens=30)
+    assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.slow
+def test_parallel_calls_are_allowed_or_forbidden_by_the_grammar(smol_server):
+    ask = [{"role": "user", "content": "Weather in Paris and in Rome?"}]
+    one = client(smol_server).chat.completions.create(
+        model="smollm2-135m", messages=ask, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,
+        temperature=0, max_tokens=80)
+    assert len(one.choices[0].message.tool_calls) == 1
+
+
+@pytest.mark.slow
+def test_streamed_tool_call_concatenates_to_the_non_streamed_one(smol_server):
+    kwargs = dict(model="smollm2-135m", messages=[{"role": "user", "content": "Add 17 and 25."}],
+                  tools=[ADD], tool_choice="required", parallel_tool_calls=False, temperature=0, max_tokens=60)
+    whole = client(smol_server).chat.completions.create(**kwargs)
+    chunks = list(client(smol_server).chat.completions.create(stream=True, stream_options={"include_usage": True},
+                                                              **kwargs))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    named = [d for d in deltas if d.function and d.function.name]
+    assert len(named) == 1 and named[0].id and named[0].type == "function"
+    assert named[0].function.name == whole.choices[0].message.tool_calls[0].function.name
+    args = "".join(d.function.arguments or "" for d in deltas)
+    assert args == whole.choices[0].message.tool_calls[0].function.arguments
+    json.loads(args)
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finals] == ["tool_calls"]
+    assert chunks[-1].usage is not None and not chunks[-1].choices
+
+
+@pytest.mark.slow
+def test_json_schema_response_validates(smol_server):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+              "required": ["name", "age"], "additionalProperties": False}
+    r = client(smol_server).chat.completions.create(
+        model="smollm2-135m", messages=[{"role": "user", "content": "Describe Ann, aged 30, as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}},
+        temperature=0, max_tokens=60)
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+
+# --- tiny-random: concurrency, disconnects ------------------------------------------------------
+
+
+def test_32_concurrent_streams_complete_and_free_the_pool(tiny_server, tiny_engine):
+    from openai import AsyncOpenAI
+
+    async def one(i, c):
+        stream = await c.chat.completions.create(
+            model="tiny-random", messages=[{"role": "user", "content": f"request {i} " * (1 + i % 5)}],
+            max_tokens=8 + i % 7, temperature=0, stream=True)
+        reasons, text = [], ""
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                if chunk.choices[0].finish_reason:
+                    reasons.append(chunk.choices[0].finish_reason)
+        return reasons
+
+    async def main():
+        async with AsyncOpenAI(base_url=tiny_server.base_url, api_key="x", max_retries=0, timeout=120) as c:
+            return await asyncio.gather(*(one(i, c) for i in range(32)))
+
+    results = asyncio.run(main())
+    assert all(len(r) == 1 and r[0] in ("stop", "length") for r in results)
+    assert tiny_engine.pool.num_in_use == 0 and tiny_engine.num_active == 0
+
+
+def _wait_idle(engine, seconds: float = 10) -> None:
+    deadline = time.time() + seconds
+    while engine.num_active and time.time() < deadline:
+        time.sleep(0.02)
+
+
+def test_client_disconnect_mid_stream_frees_its_pages(tiny_server, tiny_engine):
+    # no max_tokens: the whole context (~2000 tokens), far longer than the test reads
+    body = {"model": "tiny-random", "messages": [{"role": "user", "content": "go"}], "temperature": 0,
+            "stream": True}
+    with httpx.Client(timeout=30) as c, c.stream("POST", tiny_server.base_url + "/chat/completions",
+                                                 json=body) as r:
+        lines = r.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert tiny_engine.num_active == 1 and tiny_engine.pool.num_in_use > 0
+    _wait_idle(tiny_engine)
+    assert tiny_engine.num_active == 0 and tiny_engine.pool.num_in_use == 0
+
+
+def test_client_disconnect_without_streaming_cancels_too(tiny_server, tiny_engine):
+    body = {"model": "tiny-random", "messages": [{"role": "user", "content": "go"}], "temperature": 0,
+            "max_tokens": 2000}
+    steps = tiny_engine.steps
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(tiny_server.base_url + "/chat/completions", json=body, timeout=0.5)
+    _wait_idle(tiny_engine)
+    assert tiny_engine.num_active == 0 and tiny_engine.pool.num_in_use == 0
+    assert tiny_engine.steps - steps < 1900  # stopped early, not run to max_tokens
+
+
+# --- errors, in process ---------------------------------------------------------------------------
+
+
+def post(app, body, headers=None, raw: bytes | None = None):
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            if raw is not None:
+                return await c.post("/v1/chat/completions", content=raw,
+                                    headers={"content-type": "application/json", **(headers or {})})
+            return await c.post("/v1/chat/completions", json=body, headers=headers)
+
+    return asyncio.run(go())
+
+
+OK = {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+@pytest.mark.parametrize("change,status,param", [
+    ({"model": "gpt-9"}, 404, "model"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ({"temperature": -1}, 400, "temperature"),
+    ({"top_p": 3}, 400, "top_p"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"n": 2}, 400, "n"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, 400, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, 400, "tools"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
+     400, None),
+    ({"response_format": {"type": "yaml"}}, 400, "response_format"),
+    ({"max_tokens": 10**9}, 400, "messages"),
+])
+def test_bad_requests_get_openai_shaped_errors(tiny_engine, change, status, param):
+    r = post(create_app(tiny_engine, model_names=["tiny-random"]), {**OK, **change})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param
+    assert tiny_engine.pool.num_in_use == 0
+
+
+def test_malformed_json_is_a_400(tiny_engine):
+    r = post(create_app(tiny_engine, model_names=["tiny-random"]), None, raw=b'{"model": ')
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_over_long_input_is_rejected_with_both_numbers(tiny_engine):
+    long = {**OK, "messages": [{"role": "user", "content": "word " * 5000}]}
+    r = post(create_app(tiny_engine, model_names=["tiny-random"]), long)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert str(tiny_engine.max_context) in r.json()["error"]["message"]
+
+
+def test_huge_body_is_a_413(tiny_engine):
+    r = post(create_app(tiny_engine, model_names=["tiny-random"]), None, raw=b"x" * (9 << 20))
+    assert r.status_code == 413
+
+
+def test_api_key_is_enforced(tiny_engine):
+    app = create_app(tiny_engine, api_key="sekret", model_names=["tiny-random"])
+    assert post(app, OK).status_code == 401
+    assert post(app, OK, headers={"authorization": "Bearer wrong"}).json()["error"]["code"] == "invalid_api_key"
+    assert post(app, OK, headers={"authorization": "Bearer sekret"}).status_code == 200
+
+
+def test_health(tiny_engine):
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(tiny_engine)),
+                                     base_url="http://t") as c:
+            return await c.get("/health")
+
+    assert asyncio.run(go()).json()["status"] == "ok"
