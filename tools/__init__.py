@@ -1,1 +1,30 @@
-"""agentrt.tools."""
+"""agentrt.tools: `@tool`, the registry, Tool RAG (BM25) and built-in tools.
+
+Tools follow LLMCompiler / TinyAgent: typed functions whose failures are observations for the model.
+The MCP adapter is not implemented yet.
+"""
+
+from __future__ import annotations
+
+from agentrt.tools._calculator import calculator
+from agentrt.tools._http import http_get, make_http_get
+from agentrt.tools._rag import ScoredTool, ToolIndex
+from agentrt.tools._registry import ToolRegistry
+from agentrt.tools._tool import Tool, ToolContext, ToolResult, format_validation_error, to_result, tool
+from agentrt.tools._workspace import workspace_tools
+
+__all__ = [
+    "tool",
+    "Tool",
+    "ToolContext",
+    "ToolResult",
+    "ToolRegistry",
+    "ToolIndex",
+    "ScoredTool",
+    "calculator",
+    "http_get",
+    "make_http_get",
+    "workspace_tools",
+    "format_validation_error",
+    "to_result",
+]

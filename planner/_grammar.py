@@ -1,0 +1,332 @@
+"""Decoding grammars (xgrammar EBNF) for plans, ReAct steps and the joiner.
+
+The plan language of plan.lark, specialised per request (XGrammar, Dong et al. 2024, compiles it):
+only registered tool names, each tool's arguments following its JSON schema, and in task N only
+references to tasks that exist before N — so an invalid plan cannot be decoded. Value positions
+accept `$K.path` (bare or quoted) for allowed K; rules are emitted once per distinct set of allowed K.
+Strings, numbers, arrays and whitespace are bounded so a weak model cannot run away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentrt.errors import PlanError
+from agentrt.tools import Tool, ToolRegistry
+
+__all__ = ["GrammarLimits", "plan_grammar", "react_grammar", "joiner_grammar"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GrammarLimits:
+    """Bounds that keep decoding finite: a random or weak model must still reach `join()`."""
+
+    max_tasks: int = 20
+    max_thought_chars: int = 300
+    max_string_chars: int = 200
+    max_int_digits: int = 15
+    max_array_items: int = 32
+    max_object_entries: int = 16
+    max_path_segments: int = 4
+    max_answer_chars: int = 1000
+
+
+# Bounded repetitions repeat a rule with an alternation (`tchar`, `digit`, ...): xgrammar 0.2.8
+# inlines a rule that is a bare character class, and compiling `[^\n]{0,1000}` then takes seconds;
+# with the (redundant) second alternative it takes milliseconds. Likewise `maybe_thought` rather
+# than `thought?` in every task rule: the optional got inlined per task (80 ms each).
+# `uhex` leaves out surrogate escapes (\ud800-\udfff): a lone one is not valid Unicode.
+_COMMON = r"""
+ws ::= [ ]?
+sep ::= ws "," ws
+colon ::= ws ":" ws
+tchar ::= [^\n\r] | " "
+digit ::= [0-9] | "0"
+idchar ::= [A-Za-z0-9_] | "_"
+thought ::= "Thought: " tchar{1,%(thought)d} "\n"
+maybe_thought ::= "" | thought
+jchar ::= [^"\\$\0-\x1f] | "\\" (["\\/bfnrt] | "u" uhex) | "$" [^"\\$0-9\0-\x1f]
+ndchar ::= [^"\\$0-9\0-\x1f] | "\\" (["\\/bfnrt] | "u" uhex)
+uhex ::= [0-9a-cA-Ce-fE-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] | [dD] [0-7] [0-9a-fA-F] [0-9a-fA-F]
+jstring ::= "\"" jchar{0,%(string)d} "\""
+jint ::= "-"? jnat
+jnat ::= "0" | [1-9] digit{0,%(digits)d}
+jnumber ::= jint ("." digit{1,%(digits)d})? ([eE] [+-]? digit{1,3})?
+jbool ::= "true" | "false"
+path ::= pathseg{0,%(segs)d}
+pathseg ::= "." [A-Za-z_] idchar{0,31} | "[" digit{1,3} "]"
+"""
+
+
+def _lit(text: str) -> str:
+    """An EBNF string literal matching `text` exactly."""
+    return json.dumps(text, ensure_ascii=True)
+
+
+def _json_lit(value: Any) -> str:
+    """An EBNF literal matching the compact JSON encoding of `value`."""
+    return _lit(json.dumps(value, ensure_ascii=False, separators=(", ", ": ")))
+
+
+@dataclass
+class _Builder:
+    limits: GrammarLimits
+    rules: dict[str, str] = field(default_factory=dict)
+    _variants: dict[frozenset[int], int] = field(default_factory=dict)
+    _counter: int = 0
+
+    def rule(self, name: str, body: str) -> str:
+        self.rules[name] = body
+        return name
+
+    def fresh(self, stem: str) -> str:
+        self._counter += 1
+        return f"{stem}_{self._counter}"
+
+    def ref_rule(self, allowed: frozenset[int]) -> str | None:
+        """Rule for `$K.path` / `"$K.path"` with K in `allowed` (None when nothing may be referenced)."""
+        if not allowed:
+            return None
+        v = self.variant(allowed)
+        name = f"ref_v{v}"
+        if name not in self.rules:
+            ids = " | ".join(_lit(str(k)) for k in sorted(allowed))
+            self.rule(f"refid_v{v}", ids)
+            self.rule(name, f'"$" refid_v{v} path | "\\"$" refid_v{v} path "\\""')
+        return name
+
+    def string_rule(self, allowed: frozenset[int], lo: int, hi: int) -> str:
+        """A JSON string of lo..hi characters; with references allowed, `$K.path` may be interpolated
+        ("$1.n items") — never followed by a digit, so "$1" then "2" cannot read as "$12"."""
+        if not allowed:
+            if (lo, hi) == (0, self.limits.max_string_chars):
+                return "jstring"
+            name = f"jstring_{lo}_{hi}"
+            return name if name in self.rules else self.rule(name, f'"\\"" jchar{{{lo},{hi}}} "\\""')
+        v = self.variant(allowed)
+        name = f"jstring_v{v}_{lo}_{hi}"
+        if name not in self.rules:
+            item = f"jitem_v{v}"
+            if item not in self.rules:
+                self.rule(f"interp_v{v}", f'"$" refid_v{v} path')
+                self.rule(item, f"jchar | interp_v{v} ndchar")
+            self.rule(name, f'"\\"" {item}{{{lo},{hi}}} interp_v{v}? "\\""')
+        return name
+
+    def variant(self, allowed: frozenset[int]) -> int:
+        return self._variants.setdefault(allowed, len(self._variants))
+
+    def args_rule(self, t: Tool, allowed: frozenset[int]) -> str:
+        """Rule for tool `t`'s argument object with references to `allowed` ids."""
+        v = self.variant(allowed)
+        name = f"args_v{v}_{t.name}"
+        if name not in self.rules:
+            self.rules[name] = ""  # reserve (recursion)
+            emitter = _SchemaEmitter(self, t.parameters, f"v{v}_{t.name}", allowed)
+            self.rules[name] = emitter.value(t.parameters, top=True)
+        return name
+
+    def task_rule(self, tid: int, tools: list[Tool], allowed: frozenset[int]) -> str:
+        calls = " | ".join(f'{_lit(t.name + "(")} {self.args_rule(t, allowed)} ")"' for t in tools)
+        return self.rule(f"task_{tid}", f'{_lit(f"{tid}. ")} ({calls})')
+
+    def render(self, root: str) -> str:
+        lim = self.limits
+        common = _COMMON % dict(
+            thought=lim.max_thought_chars, string=lim.max_string_chars, digits=lim.max_int_digits - 1,
+            segs=lim.max_path_segments,
+        )
+        body = "\n".join(f"{name} ::= {expr}" for name, expr in self.rules.items())
+        return f"root ::= {root}\n{common.strip()}\n{body}\n"
+
+
+class _SchemaEmitter:
+    """JSON schema (the subset pydantic emits for tool arguments) -> EBNF, with reference slots."""
+
+    def __init__(self, b: _Builder, root: dict[str, Any], prefix: str, allowed: frozenset[int]) -> None:
+        self.b, self.root, self.prefix, self.allowed = b, root, prefix, allowed
+        self.ref = b.ref_rule(allowed)
+
+    def value(self, node: dict[str, Any] | bool, top: bool = False) -> str:
+        expr = self._typed(node if isinstance(node, dict) else {})
+        if self.ref and not top:
+            return f"({expr} | {self.ref})"
+        return expr
+
+    def _typed(self, node: dict[str, Any]) -> str:
+        lim = self.b.limits
+        if "$ref" in node:
+            return self._def(node["$ref"])
+        if "const" in node:
+            return _json_lit(node["const"])
+        if "enum" in node:
+            return "(" + " | ".join(_json_lit(v) for v in node["enum"]) + ")"
+        for key in ("anyOf", "oneOf"):
+            if key in node:
+                return "(" + " | ".join(self._typed(n) for n in node[key]) + ")"
+        if "allOf" in node and len(node["allOf"]) == 1:
+            return self._typed(node["allOf"][0])
+        kind = node.get("type")
+        if isinstance(kind, list):
+            return "(" + " | ".join(self._typed({**node, "type": k}) for k in kind) + ")"
+        if kind == "string":
+            lo = int(node.get("minLength", 0))
+            hi = min(int(node.get("maxLength", lim.max_string_chars)), max(lim.max_string_chars, lo))
+            if "pattern" in node or "format" in node:
+                log.debug("string pattern/format is checked when the tool runs, not by the grammar")
+            return self.b.string_rule(self.allowed, lo, hi)
+        if kind == "integer":
+            return self._integer(node)
+        if kind == "number":
+            return "jnumber"
+        if kind == "boolean":
+            return "jbool"
+        if kind == "null":
+            return '"null"'
+        if kind == "array":
+            return self._array(node)
+        if kind == "object" or "properties" in node:
+            return self._object(node)
+        if node and not set(node) <= {"description", "default", "examples", "title"}:
+            log.debug("schema %s is not constrained by the grammar beyond 'any JSON value'", node)
+        return self._any()
+
+    def _integer(self, node: dict[str, Any]) -> str:
+        lo = node.get("minimum", node.get("exclusiveMinimum", float("-inf")) + 1)
+        hi = node.get("maximum", node.get("exclusiveMaximum", float("inf")) - 1)
+        if lo != float("-inf") and hi != float("inf") and hi - lo <= 64:
+            return "(" + " | ".join(_lit(str(i)) for i in range(int(lo), int(hi) + 1)) + ")"
+        return "jnat" if lo >= 0 else "jint"
+
+    def _array(self, node: dict[str, Any]) -> str:
+        lim = self.b.limits
+        if "prefixItems" in node:
+            items = " sep ".join(self.value(n) for n in node["prefixItems"])
+            return self.b.rule(self.b.fresh(self.prefix + "_tuple"), f'"[" ws {items} ws "]"')
+        lo = int(node.get("minItems", 0))
+        hi = min(int(node.get("maxItems", lim.max_array_items)), max(lim.max_array_items, lo))
+        if hi == 0:
+            return '("[" ws "]")'
+        item = self.b.rule(self.b.fresh(self.prefix + "_item"), self.value(node.get("items", {})))
+        inner = item if hi == 1 else f"{item} (sep {item}){{{max(lo - 1, 0)},{hi - 1}}}"
+        inner = f"({inner})" if lo > 0 else f"({inner})?"
+        return self.b.rule(self.b.fresh(self.prefix + "_array"), f'"[" ws {inner} ws "]"')
+
+    def _object(self, node: dict[str, Any]) -> str:
+        props: dict[str, Any] = node.get("properties", {})
+        if not props:
+            extra = node.get("additionalProperties", True)
+            if extra is False:
+                return '("{" ws "}")'
+            val = self.value(extra if isinstance(extra, dict) else {})
+            hi = self.b.limits.max_object_entries
+            entry = f"jstring colon {val}"  # keys are plain strings
+            return self.b.rule(self.b.fresh(self.prefix + "_map"), f'"{{" ws ({entry} (sep {entry}){{0,{hi - 1}}})? ws "}}"')
+        required = set(node.get("required", []))
+        names = list(props)
+        kv = [f"{_lit(json.dumps(n, ensure_ascii=False))} colon {self.value(props[n])}" for n in names]
+        stem = self.b.fresh(self.prefix + "_obj")
+        # rest_i_first: properties i.. with no comma written yet; rest_i_after: a comma precedes each
+        for i in range(len(names), -1, -1):
+            for first in (True, False):
+                name = f"{stem}_{i}{'f' if first else 'a'}"
+                if i == len(names):
+                    body = '""'
+                else:
+                    lead = kv[i] if first else f"sep {kv[i]}"
+                    take = f"{lead} {stem}_{i + 1}a"
+                    body = take if names[i] in required else f"{take} | {stem}_{i + 1}{'f' if first else 'a'}"
+                self.b.rule(name, body)
+        return self.b.rule(stem, f'"{{" ws {stem}_0f ws "}}"')
+
+    def _def(self, ref: str) -> str:
+        if not ref.startswith("#/$defs/"):
+            raise PlanError(f"tool schema uses an unsupported $ref {ref!r} (only #/$defs/... is supported)")
+        key = ref.rsplit("/", 1)[1]
+        name = f"{self.prefix}_def_{''.join(c if c.isalnum() else '_' for c in key)}"
+        if name not in self.b.rules:
+            self.b.rules[name] = '""'  # reserve for recursive models
+            self.b.rules[name] = self._typed(self.root.get("$defs", {})[key])
+        return name
+
+    def _any(self) -> str:
+        name = f"{self.prefix}_any"
+        if name not in self.b.rules:
+            self.b.rules[name] = '""'
+            hi = self.b.limits.max_array_items
+            arr = f'"[" ws ({name} (sep {name}){{0,{hi - 1}}})? ws "]"'
+            obj = f'"{{" ws (jstring colon {name} (sep jstring colon {name}){{0,{hi - 1}}})? ws "}}"'
+            alts = [self.b.string_rule(self.allowed, 0, self.b.limits.max_string_chars), "jnumber", "jbool", '"null"', arr, obj] + ([self.ref] if self.ref else [])
+            self.b.rules[name] = " | ".join(alts)
+        return name
+
+
+def _tool_list(tools: ToolRegistry | Iterable[Tool]) -> list[Tool]:
+    out = list(tools)
+    if not out:
+        raise PlanError("cannot build a plan grammar without tools")
+    if any(t.name == "join" for t in out):
+        raise PlanError("'join' is reserved by the plan language; rename that tool")
+    return out
+
+
+def plan_grammar(
+    tools: ToolRegistry | Iterable[Tool],
+    *,
+    first_id: int = 1,
+    known_ids: Iterable[int] | None = None,
+    refs_within_plan: bool = True,
+    limits: GrammarLimits = GrammarLimits(),
+) -> str:
+    """The xgrammar EBNF (root rule `root`) of a plan for these tools.
+
+    Tasks are numbered from `first_id`; task N may reference `known_ids` (default: 1..first_id-1,
+    the finished tasks of earlier rounds) and, if `refs_within_plan`, the tasks first_id..N-1.
+    At most `limits.max_tasks` tasks, then `N. join()`.
+    """
+    tool_list = _tool_list(tools)
+    known = frozenset(range(1, first_id) if known_ids is None else known_ids)
+    b = _Builder(limits)
+    last = first_id + limits.max_tasks
+    for k in range(first_id, last + 1):
+        join = _lit(f"{k}. join()")
+        if k == last:
+            b.rule(f"seq_{k}", f"maybe_thought {join}")
+            break
+        allowed = known | frozenset(range(first_id, k)) if refs_within_plan else known
+        task = b.task_rule(k, tool_list, allowed)
+        b.rule(f"seq_{k}", f'maybe_thought ({join} | {task} "\\n" seq_{k + 1})')
+    return b.render(f"seq_{first_id}")
+
+
+def react_grammar(
+    tools: ToolRegistry | Iterable[Tool],
+    *,
+    step_id: int,
+    known_ids: Iterable[int] | None = None,
+    limits: GrammarLimits = GrammarLimits(),
+) -> str:
+    """One ReAct step: an optional thought, then either one task `step_id. tool({...})` or `Finish(answer)`."""
+    tool_list = _tool_list(tools)
+    known = frozenset(range(1, step_id) if known_ids is None else known_ids)
+    b = _Builder(limits)
+    task = b.task_rule(step_id, tool_list, known)
+    b.rule("finish", f'"Finish(" tchar{{0,{limits.max_answer_chars}}} ")"')
+    return b.render(f"maybe_thought ({task} | finish)")
+
+
+def joiner_grammar(*, allow_replan: bool = True, limits: GrammarLimits = GrammarLimits()) -> str:
+    """The joiner's output: an optional thought, then `Finish(answer)` or `Replan(reason)`."""
+    text = f"tchar{{0,{limits.max_answer_chars}}}"
+    actions = f'"Finish(" {text} ")"' + (f' | "Replan(" {text} ")"' if allow_replan else "")
+    return (
+        f"root ::= thought? ({actions})\n"
+        f'thought ::= "Thought: " tchar{{1,{limits.max_thought_chars}}} "\\n"\n'
+        'tchar ::= [^\\n\\r] | " "\n'
+    )

@@ -1,0 +1,85 @@
+"""Prompt text for the planner, DTA rounds, ReAct steps and the joiner (after LLMCompiler's
+prompts, shortened: the grammar, not the prompt, enforces the format)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from agentrt.planner._executor import ExecutionState
+from agentrt.tools import Tool
+
+__all__ = ["tool_catalogue", "planner_prompt", "joiner_prompt", "react_prompt"]
+
+_PLAN_RULES = """Write a plan of tool calls that answers the question, one per line:
+Thought: <optional reasoning>
+{a}. tool_name({{"arg": value}})
+Arguments are JSON. To use the result of an earlier task N, write $N (or $N.key[0] for a part of it)
+in place of a JSON value. {parallel}
+End the plan with a numbered join() line.
+Example:
+{a}. search({{"query": "capital of France"}})
+{b}. search({{"query": {b_arg}}})
+{c}. join()"""
+
+
+def tool_catalogue(tools: Iterable[Tool]) -> str:
+    lines = []
+    for t in tools:
+        props = t.parameters.get("properties", {})
+        required = set(t.parameters.get("required", []))
+        args = ", ".join(
+            f"{name}{'' if name in required else '?'}: {schema.get('type', 'any')}" for name, schema in props.items()
+        )
+        lines.append(f"- {t.name}({args}): {t.description}")
+        lines.extend(f"    {name}: {doc}" for name, doc in t.param_docs.items())
+    return "\n".join(lines)
+
+
+def _observations(state: ExecutionState) -> str:
+    if not state.tasks:
+        return ""
+    lines = ["Results so far:"]
+    for tid, task in sorted(state.tasks.items()):
+        result = state.results.get(tid)
+        obs = result.observation(500) if result else "(not finished)"
+        args = state.resolved_args.get(tid, task.to_json()["args"])
+        lines.append(f"${tid} = {task.tool}({json.dumps(args, ensure_ascii=False)}) -> {obs}")
+    return "\n".join(lines)
+
+
+def planner_prompt(
+    question: str, tools: Iterable[Tool], state: ExecutionState, *, first_id: int,
+    parallel_only: bool = False, notes: Iterable[str] = (),
+) -> str:
+    parallel = (
+        "All calls in this round run at the same time, so they may only use results listed above."
+        if parallel_only else "Tasks that do not depend on each other run in parallel."
+    )
+    b_arg = '"capital of Spain"' if parallel_only else f'"${first_id}.city"'
+    rules = _PLAN_RULES.format(a=first_id, b=first_id + 1, c=first_id + 2, parallel=parallel, b_arg=b_arg)
+    parts = [f"Tools:\n{tool_catalogue(tools)}", rules]
+    if obs := _observations(state):
+        parts.append(obs)
+    parts.extend(notes)
+    parts.append(f"Question: {question}\nPlan (number tasks from {first_id}):")
+    return "\n\n".join(parts)
+
+
+def joiner_prompt(question: str, state: ExecutionState, *, allow_replan: bool, notes: Iterable[str] = ()) -> str:
+    choice = (
+        "Answer with Finish(<the answer>) if the results suffice, or Replan(<what is missing>) to plan again."
+        if allow_replan else "Answer with Finish(<the answer>)."
+    )
+    parts = [f"Question: {question}", _observations(state) or "No tool results.", *notes, choice]
+    return "\n\n".join(parts)
+
+
+def react_prompt(question: str, tools: Iterable[Tool], state: ExecutionState, *, step_id: int) -> str:
+    return "\n\n".join(p for p in (
+        f"Tools:\n{tool_catalogue(tools)}",
+        "Call one tool per step as `N. tool_name({\"arg\": value})` (use $N to reuse an earlier result), "
+        "or answer with Finish(<the answer>).",
+        _observations(state),
+        f"Question: {question}\nStep {step_id}:",
+    ) if p)
