@@ -25,16 +25,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GrammarLimits:
-    """Bounds that keep decoding finite: a random or weak model must still reach `join()`."""
+    """Bounds that keep decoding finite: a random or weak model must still reach `join()`.
+
+    Free text (thoughts, strings, answers) is unbounded by default and ended by max_tokens: a
+    bound compiles to a chain of one rule per character (~10 ms of compile time each with
+    xgrammar 0.2.8), so set the `*_chars` bounds small when you need them (random-model tests).
+    A string's own `maxLength` is enforced when it is at most 64.
+    """
 
     max_tasks: int = 20
-    max_thought_chars: int = 300
-    max_string_chars: int = 200
+    max_thought_chars: int | None = None
+    max_string_chars: int | None = None
     max_int_digits: int = 15
     max_array_items: int = 32
     max_object_entries: int = 16
     max_path_segments: int = 4
-    max_answer_chars: int = 1000
+    max_answer_chars: int | None = None
 
 
 # Bounded repetitions repeat a rule with an alternation (`tchar`, `digit`, ...): xgrammar 0.2.8
@@ -42,19 +48,19 @@ class GrammarLimits:
 # with the (redundant) second alternative it takes milliseconds. Likewise `maybe_thought` rather
 # than `thought?` in every task rule: the optional got inlined per task (80 ms each).
 # `uhex` leaves out surrogate escapes (\ud800-\udfff): a lone one is not valid Unicode.
+_LINE_CHAR = r"[^\n\r]"
+_JCHARS = [r'[^"\\$\0-\x1f]', "esc", r'"$" [^"\\$0-9\0-\x1f]']  # a string character (no `$N`)
 _COMMON = r"""
 ws ::= [ ]?
 sep ::= ws "," ws
 colon ::= ws ":" ws
-tchar ::= [^\n\r] | " "
 digit ::= [0-9] | "0"
 idchar ::= [A-Za-z0-9_] | "_"
-thought ::= "Thought: " tchar{1,%(thought)d} "\n"
 maybe_thought ::= "" | thought
-jchar ::= [^"\\$\0-\x1f] | "\\" (["\\/bfnrt] | "u" uhex) | "$" [^"\\$0-9\0-\x1f]
-ndchar ::= [^"\\$0-9\0-\x1f] | "\\" (["\\/bfnrt] | "u" uhex)
+esc ::= "\\" (["\\/bfnrt] | "u" uhex)
 uhex ::= [0-9a-cA-Ce-fE-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] | [dD] [0-7] [0-9a-fA-F] [0-9a-fA-F]
-jstring ::= "\"" jchar{0,%(string)d} "\""
+jstring ::= "\"" jsub
+jsub ::= "\"" | [^"\\$\0-\x1f] jsub | esc jsub | "$" [^"\\$0-9\0-\x1f] jsub
 jint ::= "-"? jnat
 jnat ::= "0" | [1-9] digit{0,%(digits)d}
 jnumber ::= jint ("." digit{1,%(digits)d})? ([eE] [+-]? digit{1,3})?
@@ -62,6 +68,11 @@ jbool ::= "true" | "false"
 path ::= pathseg{0,%(segs)d}
 pathseg ::= "." [A-Za-z_] idchar{0,31} | "[" digit{1,3} "]"
 """
+
+
+def _then(first: list[str], chars: list[str], rest: str) -> str:
+    """`first[0] | ... | c1 rest | c2 rest | ...`: flat alternatives compile fastest in xgrammar."""
+    return " | ".join(first + [f"{c} {rest}" for c in chars])
 
 
 def _lit(text: str) -> str:
@@ -101,22 +112,55 @@ class _Builder:
             self.rule(name, f'"$" refid_v{v} path | "\\"$" refid_v{v} path "\\""')
         return name
 
-    def string_rule(self, allowed: frozenset[int], lo: int, hi: int) -> str:
-        """A JSON string of lo..hi characters; with references allowed, `$K.path` may be interpolated
-        ("$1.n items") — never followed by a digit, so "$1" then "2" cannot read as "$12"."""
+    def text_rule(self, stem: str, chars: list[str], end: str, hi: int | None) -> str:
+        """Characters (alternatives `chars`) then `end`, right-recursive so the rule ends inside
+        itself (fast masks, see `string_rule`); with `hi`, a chain of hi + 1 rules allows at most
+        hi characters."""
+        if hi is None:
+            return self.rule(stem, _then([end], chars, stem))
+        for i in range(hi + 1):
+            self.rule(f"{stem}_{i}", end if i == hi else _then([end], chars, f"{stem}_{i + 1}"))
+        return f"{stem}_0"
+
+    def string_rule(self, allowed: frozenset[int], hi: int | None = None) -> str:
+        """A JSON string; with references allowed, `$K.path` may be interpolated ("$1.n items") —
+        never followed by a digit, so "$1" then "2" cannot read as "$12".
+
+        Strings are right-recursive rules that end inside themselves (`s ::= "\"" | c s`): with
+        xgrammar 0.2.8 that keeps the token mask cache effective (~5 us a token), where `c*` or a
+        bounded `c{lo,hi}` costs 20-250 ms. Length bounds (`lo`, `hi`: minLength / maxLength) are
+        therefore not in the grammar; the tool's argument validation checks them and a violation
+        becomes an observation for the joiner.
+        """
+        hi = self.limits.max_string_chars if hi is None else hi
         if not allowed:
-            if (lo, hi) == (0, self.limits.max_string_chars):
+            if hi is None:
                 return "jstring"
-            name = f"jstring_{lo}_{hi}"
-            return name if name in self.rules else self.rule(name, f'"\\"" jchar{{{lo},{hi}}} "\\""')
+            name = f"jstring_{hi}"
+            if name not in self.rules:
+                chars = self.text_rule(f"jchars_{hi}", _JCHARS, _lit('"'), hi)
+                self.rule(name, f'"\\"" {chars}')
+            return name
+        # With references allowed there is one string rule per set of visible ids: a schema's
+        # maxLength chain for each would multiply compile time, so only the global bound applies.
+        hi = self.limits.max_string_chars
         v = self.variant(allowed)
-        name = f"jstring_v{v}_{lo}_{hi}"
+        name = f"jstring_v{v}" if hi is None else f"jstring_v{v}_{hi}"
         if name not in self.rules:
-            item = f"jitem_v{v}"
-            if item not in self.rules:
-                self.rule(f"interp_v{v}", f'"$" refid_v{v} path')
-                self.rule(item, f"jchar | interp_v{v} ndchar")
-            self.rule(name, f'"\\"" {item}{{{lo},{hi}}} interp_v{v}? "\\""')
+            self.rule(f"interp_v{v}", f'"$" refid_v{v} path')
+            steps = [None] if hi is None else list(range(hi + 1))  # a reference counts as one character
+            for i in steps:
+                at = "" if i is None else f"_{i}"
+                nxt = "" if i is None else f"_{i + 1}"
+                sub, tail = f"jsub_v{v}{at}", f"jtail_v{v}{at}"
+                if i == hi and i is not None:
+                    self.rule(sub, _lit('"'))
+                    self.rule(tail, _lit('"'))
+                    continue
+                self.rule(sub, _then(['"\\""'], _JCHARS, f"jsub_v{v}{nxt}") + f" | interp_v{v} jtail_v{v}{nxt}")
+                # after a reference no digit may follow: "$1" then "2" must not read as "$12"
+                self.rule(tail, _then(['"\\""'], [r'[^"\\$0-9\0-\x1f]', "esc"], f"jsub_v{v}{nxt}"))
+            self.rule(name, f'"\\"" jsub_v{v}{"" if hi is None else "_0"}')
         return name
 
     def variant(self, allowed: frozenset[int]) -> int:
@@ -138,10 +182,9 @@ class _Builder:
 
     def render(self, root: str) -> str:
         lim = self.limits
-        common = _COMMON % dict(
-            thought=lim.max_thought_chars, string=lim.max_string_chars, digits=lim.max_int_digits - 1,
-            segs=lim.max_path_segments,
-        )
+        common = _COMMON % dict(digits=lim.max_int_digits - 1, segs=lim.max_path_segments)
+        tline = self.text_rule("tline", [_LINE_CHAR], _lit("\n"), lim.max_thought_chars)
+        self.rule("thought", f'"Thought: " {_LINE_CHAR} {tline}')
         body = "\n".join(f"{name} ::= {expr}" for name, expr in self.rules.items())
         return f"root ::= {root}\n{common.strip()}\n{body}\n"
 
@@ -176,11 +219,11 @@ class _SchemaEmitter:
         if isinstance(kind, list):
             return "(" + " | ".join(self._typed({**node, "type": k}) for k in kind) + ")"
         if kind == "string":
-            lo = int(node.get("minLength", 0))
-            hi = min(int(node.get("maxLength", lim.max_string_chars)), max(lim.max_string_chars, lo))
-            if "pattern" in node or "format" in node:
-                log.debug("string pattern/format is checked when the tool runs, not by the grammar")
-            return self.b.string_rule(self.allowed, lo, hi)
+            hi = node.get("maxLength")
+            hi = int(hi) if isinstance(hi, int) and hi <= 64 else None
+            if "pattern" in node or "format" in node or "minLength" in node:
+                log.debug("string pattern/format/minLength is checked when the tool runs, not by the grammar")
+            return self.b.string_rule(self.allowed, hi)
         if kind == "integer":
             return self._integer(node)
         if kind == "number":
@@ -262,7 +305,7 @@ class _SchemaEmitter:
             hi = self.b.limits.max_array_items
             arr = f'"[" ws ({name} (sep {name}){{0,{hi - 1}}})? ws "]"'
             obj = f'"{{" ws (jstring colon {name} (sep jstring colon {name}){{0,{hi - 1}}})? ws "}}"'
-            alts = [self.b.string_rule(self.allowed, 0, self.b.limits.max_string_chars), "jnumber", "jbool", '"null"', arr, obj] + ([self.ref] if self.ref else [])
+            alts = [self.b.string_rule(self.allowed), "jnumber", "jbool", '"null"', arr, obj] + ([self.ref] if self.ref else [])
             self.b.rules[name] = " | ".join(alts)
         return name
 
@@ -317,16 +360,15 @@ def react_grammar(
     known = frozenset(range(1, step_id) if known_ids is None else known_ids)
     b = _Builder(limits)
     task = b.task_rule(step_id, tool_list, known)
-    b.rule("finish", f'"Finish(" tchar{{0,{limits.max_answer_chars}}} ")"')
+    b.rule("finish", f'"Finish(" {b.text_rule("ftext", [_LINE_CHAR], _lit(")"), limits.max_answer_chars)}')
     return b.render(f"maybe_thought ({task} | finish)")
 
 
 def joiner_grammar(*, allow_replan: bool = True, limits: GrammarLimits = GrammarLimits()) -> str:
     """The joiner's output: an optional thought, then `Finish(answer)` or `Replan(reason)`."""
-    text = f"tchar{{0,{limits.max_answer_chars}}}"
-    actions = f'"Finish(" {text} ")"' + (f' | "Replan(" {text} ")"' if allow_replan else "")
-    return (
-        f"root ::= thought? ({actions})\n"
-        f'thought ::= "Thought: " tchar{{1,{limits.max_thought_chars}}} "\\n"\n'
-        'tchar ::= [^\\n\\r] | " "\n'
-    )
+    b = _Builder(limits)
+    text = b.text_rule("ftext", [_LINE_CHAR], _lit(")"), limits.max_answer_chars)
+    thought = b.text_rule("tline", [_LINE_CHAR], _lit("\n"), limits.max_thought_chars)
+    actions = f'"Finish(" {text}' + (f' | "Replan(" {text}' if allow_replan else "")
+    rules = "\n".join(f"{name} ::= {expr}" for name, expr in b.rules.items())
+    return f'root ::= thought? ({actions})\nthought ::= "Thought: " {_LINE_CHAR} {thought}\n{rules}\n'

@@ -115,12 +115,12 @@ async def _join(
 async def _rounds(
     mode: Literal["plan", "dta"], question: str, llm: TextLLM, tools: ToolRegistry | Iterable[Tool], *,
     executor: Executor | None, max_rounds: int, tool_top_k: int | None, constrained: bool,
-    limits: GrammarLimits,
+    limits: GrammarLimits, examples: str | None = None, state: ExecutionState | None = None,
 ) -> AgentRun:
     reg = _registry(tools)
     offered = _select(reg, question, tool_top_k)
     executor = executor or Executor(reg)
-    state = ExecutionState()
+    state = state if state is not None else ExecutionState()  # the caller's, to watch it live
     run = AgentRun(mode, None, state)
     notes: list[str] = []
     for round_no in range(1, max_rounds + 1):
@@ -128,7 +128,8 @@ async def _rounds(
         first_id = state.next_id
         known = [i for i, r in state.results.items() if r.ok]
         within = mode == "plan"
-        prompt = planner_prompt(question, offered, state, first_id=first_id, parallel_only=not within, notes=notes)
+        prompt = planner_prompt(question, offered, state, first_id=first_id, parallel_only=not within, notes=notes,
+                                examples=examples)
         grammar = (plan_grammar(offered, first_id=first_id, known_ids=known, refs_within_plan=within, limits=limits)
                    if constrained else None)
         parser = PlanParser(first_id=first_id, known_ids=known, tools=offered.names, refs_within_plan=within)
@@ -153,7 +154,7 @@ async def _rounds(
 async def run_plan(
     question: str, llm: TextLLM, tools: ToolRegistry | Iterable[Tool], *, executor: Executor | None = None,
     max_replans: int = 2, tool_top_k: int | None = None, constrained: bool = True,
-    limits: GrammarLimits = GrammarLimits(),
+    limits: GrammarLimits = GrammarLimits(), examples: str | None = None, state: ExecutionState | None = None,
 ) -> AgentRun:
     """LLMCompiler: stream a DAG plan, run tasks as they parse, join; replan at most `max_replans` times.
 
@@ -161,18 +162,20 @@ async def run_plan(
     identical to a finished one reuses its result instead of running again.
     """
     return await _rounds("plan", question, llm, tools, executor=executor, max_rounds=max_replans + 1,
-                         tool_top_k=tool_top_k, constrained=constrained, limits=limits)
+                         tool_top_k=tool_top_k, constrained=constrained, limits=limits, examples=examples,
+                         state=state)
 
 
 async def run_dta(
     question: str, llm: TextLLM, tools: ToolRegistry | Iterable[Tool], *, executor: Executor | None = None,
     max_rounds: int = 3, tool_top_k: int | None = None, constrained: bool = True,
-    limits: GrammarLimits = GrammarLimits(),
+    limits: GrammarLimits = GrammarLimits(), examples: str | None = None, state: ExecutionState | None = None,
 ) -> AgentRun:
     """Divide-Then-Aggregate: each round is a set of independent calls (references only to earlier
     rounds) run in parallel; the joiner finishes or asks for the next round."""
     return await _rounds("dta", question, llm, tools, executor=executor, max_rounds=max_rounds,
-                         tool_top_k=tool_top_k, constrained=constrained, limits=limits)
+                         tool_top_k=tool_top_k, constrained=constrained, limits=limits, examples=examples,
+                         state=state)
 
 
 async def run_react(

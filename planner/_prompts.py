@@ -50,14 +50,18 @@ def _observations(state: ExecutionState) -> str:
 
 def planner_prompt(
     question: str, tools: Iterable[Tool], state: ExecutionState, *, first_id: int,
-    parallel_only: bool = False, notes: Iterable[str] = (),
+    parallel_only: bool = False, notes: Iterable[str] = (), examples: str | None = None,
 ) -> str:
+    """`examples`: worked question/plan pairs for these tools, shown instead of the generic example
+    (small models copy the shape of a close example far better than they follow rules)."""
     parallel = (
         "All calls in this round run at the same time, so they may only use results listed above."
         if parallel_only else "Tasks that do not depend on each other run in parallel."
     )
     b_arg = '"capital of Spain"' if parallel_only else f'"${first_id}.city"'
     rules = _PLAN_RULES.format(a=first_id, b=first_id + 1, c=first_id + 2, parallel=parallel, b_arg=b_arg)
+    if examples:
+        rules = rules[:rules.index("Example:")] + "Examples:\n" + examples.strip()
     parts = [f"Tools:\n{tool_catalogue(tools)}", rules]
     if obs := _observations(state):
         parts.append(obs)
