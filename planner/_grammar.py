@@ -49,6 +49,11 @@ class GrammarLimits:
 # than `thought?` in every task rule: the optional got inlined per task (80 ms each).
 # `uhex` leaves out surrogate escapes (\ud800-\udfff): a lone one is not valid Unicode.
 _LINE_CHAR = r"[^\n\r]"
+# An answer ends at its first unbalanced ")" (one level of parentheses inside is fine): a weak
+# model cannot wander on past a finished Finish(...).
+_ANSWER_CHARS = [r"[^\n\r()]", '"(" paren']
+_PAREN = r'")" | [^\n\r()] paren'
+
 _JCHARS = [r'[^"\\$\0-\x1f]', "esc", r'"$" [^"\\$0-9\0-\x1f]']  # a string character (no `$N`)
 _COMMON = r"""
 ws ::= [ ]?
@@ -360,14 +365,16 @@ def react_grammar(
     known = frozenset(range(1, step_id) if known_ids is None else known_ids)
     b = _Builder(limits)
     task = b.task_rule(step_id, tool_list, known)
-    b.rule("finish", f'"Finish(" {b.text_rule("ftext", [_LINE_CHAR], _lit(")"), limits.max_answer_chars)}')
+    b.rule("finish", f'"Finish(" {b.text_rule("ftext", _ANSWER_CHARS, _lit(")"), limits.max_answer_chars)}')
+    b.rule("paren", _PAREN)
     return b.render(f"maybe_thought ({task} | finish)")
 
 
 def joiner_grammar(*, allow_replan: bool = True, limits: GrammarLimits = GrammarLimits()) -> str:
     """The joiner's output: an optional thought, then `Finish(answer)` or `Replan(reason)`."""
     b = _Builder(limits)
-    text = b.text_rule("ftext", [_LINE_CHAR], _lit(")"), limits.max_answer_chars)
+    text = b.text_rule("ftext", _ANSWER_CHARS, _lit(")"), limits.max_answer_chars)
+    b.rule("paren", _PAREN)
     thought = b.text_rule("tline", [_LINE_CHAR], _lit("\n"), limits.max_thought_chars)
     actions = f'"Finish(" {text}' + (f' | "Replan(" {text}' if allow_replan else "")
     rules = "\n".join(f"{name} ::= {expr}" for name, expr in b.rules.items())

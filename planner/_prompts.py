@@ -72,8 +72,9 @@ def planner_prompt(
 
 def joiner_prompt(question: str, state: ExecutionState, *, allow_replan: bool, notes: Iterable[str] = ()) -> str:
     choice = (
-        "Answer with Finish(<the answer>) if the results suffice, or Replan(<what is missing>) to plan again."
-        if allow_replan else "Answer with Finish(<the answer>)."
+        "If the results answer the question, write Finish( then the answer in one sentence and ); "
+        "otherwise write Replan( then what is missing and )."
+        if allow_replan else "Write Finish( then the answer to the question in one sentence and )."
     )
     parts = [f"Question: {question}", _observations(state) or "No tool results.", *notes, choice]
     return "\n\n".join(parts)
