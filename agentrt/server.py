@@ -91,12 +91,27 @@ class _Guard:
         await self.app(scope, receive, send)
 
 
-def create_app(engine, *, api_key: str | None = None, model_names: list[str] | None = None) -> FastAPI:
-    """An app serving `engine` (an agentrt Engine). `model_names`: the ids clients may ask for."""
-    from agentrt.grammar import GrammarCompiler
+class AgentRunRequest(BaseModel):
+    """Extension: run a server-side agent over the server's registered tools."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(min_length=1)
+    mode: str = "plan"  # plan | dta | react
+    max_replans: int = Field(2, ge=0, le=10)
+    max_tokens: int = Field(512, ge=1)
+    temperature: float = 0.0
+
+
+def create_app(engine, *, api_key: str | None = None, model_names: list[str] | None = None,
+               tools: list | None = None) -> FastAPI:
+    """An app serving `engine` (an agentrt Engine). `model_names`: the ids clients may ask for;
+    `tools`: what `POST /v1/agent/runs` may call (side-effecting tools are always refused here)."""
+    from agentrt.backends import LocalBackend
 
     names = model_names or [engine.name or "agentrt"]
-    compiler = GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size)
+    backend = LocalBackend(engine)
+    compiler = backend.compiler
     app = FastAPI(title="agentrt", version="0.1.0")
     app.state.engine = engine
     created = int(time.time())
@@ -170,7 +185,60 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
             "usage": _usage(result),
         })
 
+    @app.post("/v1/agent/runs")
+    async def agent_runs(body: AgentRunRequest) -> Response:
+        from agentrt.tools import ToolRegistry
+
+        if not tools:
+            raise InvalidRequestError("no tools are registered on this server", param="tools")
+        if body.mode not in ("plan", "dta", "react"):
+            raise InvalidRequestError(f"mode {body.mode!r} is not one of plan, dta, react", param="mode")
+        params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature)
+        return StreamingResponse(_agent_events(backend, ToolRegistry(tools), body, params),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
     return app
+
+
+async def _agent_events(backend, registry, body: AgentRunRequest, params: SamplingParams):
+    """SSE events of a plan/dta/react run: task, tool_start, tool_end, final, then [DONE]."""
+    from agentrt import planner
+
+    state = planner.ExecutionState()
+    send, receive = anyio.create_memory_object_stream[dict](1024)
+
+    def on_span(kind: str, span) -> None:
+        event: dict[str, Any] = {"type": {"task": "task", "start": "tool_start", "end": "tool_end"}[kind],
+                                 "id": span.task_id, "tool": span.tool}
+        if kind == "task":
+            event["args"] = state.tasks[span.task_id].to_json()["args"]
+        elif kind == "end":
+            result = state.results[span.task_id]
+            event.update(ok=result.ok, observation=result.observation(1000), seconds=round(span.duration, 4))
+        send.send_nowait(event)
+
+    state.trace.listeners.append(on_span)
+
+    def llm(prompt: str, grammar: str | None):
+        return backend.text(prompt, grammar, params)
+
+    async def run() -> None:
+        async with send:
+            try:
+                runner = {"plan": planner.run_plan, "dta": planner.run_dta, "react": planner.run_react}[body.mode]
+                kwargs = {"max_replans": body.max_replans} if body.mode == "plan" else {}
+                result = await runner(body.input, llm, registry, state=state, **kwargs)
+                await send.send({"type": "final", "answer": result.answer, "rounds": result.rounds,
+                                 "tasks": len(result.state.tasks),
+                                 "ok": sum(r.ok for r in result.state.results.values())})
+            except AgentrtError as exc:
+                await send.send({"type": "error", "error": json.loads(_error_for(exc).body)["error"]})
+
+    async with anyio.create_task_group() as tg, receive:
+        tg.start_soon(run)
+        async for event in receive:
+            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def _sampling(body: ChatCompletionRequest, prompt_len: int, max_context: int) -> SamplingParams:
@@ -229,13 +297,16 @@ async def _sse(engine, prompt_ids, matcher, params, rid: str, model: str, includ
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           device: str | None = None) -> None:
-    """Load `model` and serve it until interrupted (what `agentrt serve` runs)."""
+    """Load `model` and serve it until interrupted (what `agentrt serve` runs). The agent-runs
+    extension gets the calculator; register your own tools with `create_app(..., tools=[...])`."""
     import uvicorn
 
     from agentrt.engine import Engine
+    from agentrt.tools import calculator
 
     engine = Engine.load(model, device=device)
     try:
-        uvicorn.run(create_app(engine, api_key=api_key), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(engine, api_key=api_key, tools=[calculator]), host=host, port=port,
+                    log_level="info")
     finally:
         engine.close()

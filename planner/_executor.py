@@ -188,6 +188,7 @@ class _Run:
         self.pending.add(task.id)
         span = self.state.trace.span(task.id, task.tool)
         span.status = "waiting"
+        self.state.trace.notify("task", span)
         unknown = [d for d in task.deps if d not in self.state.results and d not in self.pending]
         if unknown:
             self.finish(task, ToolResult("bad_reference", error=f"refers to unknown task(s) {sorted(unknown)}"))
@@ -213,6 +214,7 @@ class _Run:
         span.status, span.error, span.attempts = result.kind, result.error, result.attempts
         span.result_bytes = result.size()
         self.state.results[task.id] = result
+        self.state.trace.notify("end", span)
         self.pending.discard(task.id)
         for dependent in self.waiting.pop(task.id, []):
             self.missing[dependent.id] -= 1
@@ -251,6 +253,7 @@ class _Run:
         async with _Held(per_tool), _Held(self.global_limit):
             state.trace.spans[task.id].start = state.trace.now()
             state.trace.spans[task.id].status = "running"
+            state.trace.notify("start", state.trace.spans[task.id])
             ctx = ToolContext(tool_name=tool.name, task_id=task.id, state=ex.context_state)
             return await tool.invoke(
                 args, context=ctx,

@@ -181,14 +181,14 @@ async def run_dta(
 async def run_react(
     question: str, llm: TextLLM, tools: ToolRegistry | Iterable[Tool], *, executor: Executor | None = None,
     max_steps: int = 8, tool_top_k: int | None = None, constrained: bool = True,
-    limits: GrammarLimits = GrammarLimits(),
+    limits: GrammarLimits = GrammarLimits(), state: ExecutionState | None = None,
 ) -> AgentRun:
     """ReAct: one tool call per LLM step until `Finish(answer)`; after `max_steps` calls the model
     must answer."""
     reg = _registry(tools)
     offered = _select(reg, question, tool_top_k)
     executor = executor or Executor(reg)
-    state = ExecutionState()
+    state = state if state is not None else ExecutionState()
     run = AgentRun("react", None, state)
     for step in range(1, max_steps + 1):
         run.rounds = step

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,13 @@ class Trace:
     origin: float = field(default_factory=time.perf_counter)
     spans: dict[int, TaskSpan] = field(default_factory=dict)
     events: list[tuple[str, float]] = field(default_factory=list)
+    # called as listener(kind, span) with kind "task" (parsed), "start" (tool running), "end";
+    # on the executor's event loop, so a listener must not block
+    listeners: list[Callable[[str, TaskSpan], None]] = field(default_factory=list)
+
+    def notify(self, kind: str, span: TaskSpan) -> None:
+        for listener in self.listeners:
+            listener(kind, span)
 
     def now(self) -> float:
         return time.perf_counter() - self.origin

@@ -256,3 +256,55 @@ def test_health(tiny_engine):
             return await c.get("/health")
 
     assert asyncio.run(go()).json()["status"] == "ok"
+
+
+# --- the agent-runs extension -------------------------------------------------------------------
+
+
+def _events(app, body) -> tuple[int, list]:
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=120) as c:
+            async with c.stream("POST", "/v1/agent/runs", json=body) as r:
+                lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+                return r.status_code, lines
+
+    status, lines = asyncio.run(go())
+    if status != 200:
+        return status, lines
+    assert lines[-1] == "data: [DONE]"
+    return status, [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_agent_run_streams_task_and_tool_events(tiny_engine):
+    from agentrt.tools import calculator
+
+    app = create_app(tiny_engine, model_names=["tiny-random"], tools=[calculator])
+    status, events = _events(app, {"input": "what is 2 + 2?", "max_replans": 0, "max_tokens": 80})
+    assert status == 200
+    kinds = [e["type"] for e in events]
+    assert kinds[-1] in ("final", "error")
+    for e in events:  # each task is announced before it starts, and starts before it ends
+        if e["type"] == "tool_end":
+            assert kinds.index("task") < kinds.index("tool_end")
+    assert tiny_engine.pool.num_in_use == 0
+
+
+def test_agent_run_without_tools_is_a_400(tiny_engine):
+    app = create_app(tiny_engine, model_names=["tiny-random"])
+    status, _ = _events(app, {"input": "hi"})
+    assert status == 400
+
+
+@pytest.mark.slow
+def test_agent_run_on_smollm2_runs_a_real_tool(smol_engine):
+    from agentrt.tools import calculator
+
+    app = create_app(smol_engine, model_names=["smollm2-135m"], tools=[calculator])
+    status, events = _events(app, {"input": "Use the calculator: what is 12 * 7?", "max_replans": 0,
+                                   "max_tokens": 120})
+    assert status == 200
+    ends = [e for e in events if e["type"] == "tool_end"]
+    assert ends and all(e["tool"] == "calculator" for e in ends)
+    ids = {e["id"] for e in events if e["type"] == "task"}
+    assert {e["id"] for e in ends} <= ids
+    assert events[-1]["type"] == "final" and events[-1]["tasks"] == len(ids)
