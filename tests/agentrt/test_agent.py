@@ -94,7 +94,7 @@ def test_output_type_gives_a_validated_value(smol_engine):
 
 
 def test_remote_backend_talks_to_an_openai_compatible_server(tiny_engine):
-    from conftest import LiveServer
+    from agentrt.testing import LiveServer
 
     from agentrt.server import create_app
 

@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 
 from agentrt.server import create_app
-from conftest import LiveServer
+from agentrt.testing import LiveServer
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather for a city",
