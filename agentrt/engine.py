@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ class _Work:
 class Engine:
     def __init__(self, model: Transformer, tokenizer, *, eos_token_ids: list[int] | None = None,
                  kv_tokens: int = 32768, page_size: int = 16, max_batch_tokens: int = 512,
-                 max_batch_size: int = 32, name: str = "") -> None:
+                 max_batch_size: int = 32, name: str = "", mask_overlap: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -96,6 +97,8 @@ class Engine:
         self.max_context = min(cfg.max_position, num_pages * page_size)
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
+        self.mask_overlap = mask_overlap  # False: fill grammar masks before the forward (for comparison)
+        self.mask_seconds: list[float] = []  # per step, time spent filling masks (bounded list)
         eos = set(eos_token_ids or [])
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -173,6 +176,8 @@ class Engine:
         fut: concurrent.futures.Future = concurrent.futures.Future()
 
         def run() -> None:
+            if not fut.set_running_or_notify_cancel():  # the caller gave up before we got to it
+                return
             try:
                 fut.set_result(fn(self))
             except BaseException as exc:  # handed to the caller through the future
@@ -368,7 +373,9 @@ class Engine:
         bitmask = masks_done = None
         if constrained:
             bitmask = allocate_bitmask(len(sampling), self.vocab_size)
-            masks_done = self._mask_pool.submit(_fill_masks, constrained, bitmask)
+            masks_done = self._mask_pool.submit(_fill_masks, constrained, bitmask, self.mask_seconds)
+            if not self.mask_overlap:
+                masks_done.result()
         logits = self.model(batch, self.pool.k, self.pool.v)  # [M, V]
         if masks_done is not None:
             masks_done.result()
@@ -494,9 +501,12 @@ def _drop(_: Output) -> None:
     pass
 
 
-def _fill_masks(constrained: list[tuple[int, TokenConstraint]], bitmask: torch.Tensor) -> None:
+def _fill_masks(constrained: list[tuple[int, TokenConstraint]], bitmask: torch.Tensor, record: list[float]) -> None:
+    start = time.perf_counter()
     for row, constraint in constrained:
         constraint.fill_next_token_bitmask(bitmask, row)
+    if len(record) < 100_000:
+        record.append((time.perf_counter() - start) / len(constrained))
 
 
 def _collect(parts: list[Output]) -> Completion:

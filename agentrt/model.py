@@ -159,7 +159,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, batch: BatchInput, masks: list, k_pool, v_pool, rotary: Rotary) -> torch.Tensor:
+    def forward(self, x, cos, sin, batch: BatchInput, masks: list, key_rot: list, k_pool, v_pool) -> torch.Tensor:
         n, kv, d, rep = x.shape[0], self.kv, self.d, self.h // self.kv
         q, k, v = self.qkv(x).split([self.h * d, kv * d, kv * d], dim=-1)
         q, k, v = q.view(n, self.h, d), k.view(n, kv, d), v.view(n, kv, d)
@@ -170,7 +170,7 @@ class Attention(nn.Module):
         k_pool.index_copy_(0, batch.write_slots, k)
         v_pool.index_copy_(0, batch.write_slots, v)
         out = torch.empty_like(q)  # [N, H, D]
-        for g, mask in zip(batch.groups, masks):
+        for g, mask, rot in zip(batch.groups, masks, key_rot):
             b, nq = g.rows.shape
             rows = g.rows.reshape(-1)
             if g.slots is None:  # fresh prefill: causal over its own keys
@@ -183,8 +183,8 @@ class Attention(nn.Module):
             t = g.slots.shape[1]
             kg = k_pool.index_select(0, g.slots.reshape(-1)).view(b, t, kv, d)
             vg = v_pool.index_select(0, g.slots.reshape(-1)).view(b, t, kv, d)
-            if g.key_delta is not None:
-                kg = rotary.rotate_by(kg, g.key_delta)
+            if rot is not None:  # place the gathered keys at this view's positions
+                kg = Rotary.apply(kg, *rot)
             # grouped queries: the `rep` query heads of one KV head attend as extra rows, no K/V copies
             qg = q.index_select(0, rows).view(b, nq, kv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, kv, rep * nq, d)
             o = F.scaled_dot_product_attention(qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=mask)
@@ -228,8 +228,11 @@ class Transformer(nn.Module):
         x = self.embed(batch.input_ids)  # [N, hidden]
         cos, sin = self.rotary.cos_sin(batch.positions)  # [N, D]
         masks = [self._additive_mask(g, x.dtype) for g in batch.groups]
+        # cos/sin re-rotating gathered keys by key_delta: once per forward, not per layer
+        key_rot = [None if g.key_delta is None else self.rotary.cos_sin(g.key_delta, scaled=False)
+                   for g in batch.groups]
         for i, layer in enumerate(self.layers):
-            x = x + layer.attn(layer.attn_norm(x), cos, sin, batch, masks, k_pools[i], v_pools[i], self.rotary)
+            x = x + layer.attn(layer.attn_norm(x), cos, sin, batch, masks, key_rot, k_pools[i], v_pools[i])
             x = x + layer.mlp(layer.mlp_norm(x))
         x = self.norm(x[batch.logits_rows])  # [M, hidden]
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight

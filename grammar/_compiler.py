@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.from_thread
@@ -23,6 +23,9 @@ import xgrammar as xgr
 
 from agentrt.errors import GrammarError
 from agentrt.grammar._constraints import Constraint
+
+if TYPE_CHECKING:
+    from agentrt.grammar._matcher import Matcher
 
 __all__ = ["CompiledConstraint", "CompileCache", "GrammarCompiler", "tokenizer_info", "DEFAULT_CACHE"]
 
@@ -42,10 +45,11 @@ class CompiledConstraint:
     def memory_size_bytes(self) -> int:
         return int(self.grammar.memory_size_bytes)
 
-    def matcher(self) -> Any:
+    def matcher(self, *, stop_token_ids: list[int] | None = None) -> Matcher:
+        """A fresh matcher at the start of the grammar; `stop_token_ids` overrides the tokenizer's."""
         from agentrt.grammar._matcher import Matcher
 
-        return Matcher(self)
+        return Matcher(self, stop_token_ids=stop_token_ids)
 
 
 class CompileCache:
@@ -114,7 +118,9 @@ class GrammarCompiler:
         timeout: float = 30.0,
         max_threads: int = 2,
     ) -> None:
-        self.info = tokenizer if isinstance(tokenizer, xgr.TokenizerInfo) else tokenizer_info(tokenizer, vocab_size)
+        self.info = (
+            tokenizer if isinstance(tokenizer, xgr.TokenizerInfo) else tokenizer_info(tokenizer, vocab_size)
+        )
         self.vocab_size = int(self.info.vocab_size)
         self.fingerprint = _fingerprint(self.info)
         self.cache = DEFAULT_CACHE if cache is None else cache
@@ -130,7 +136,9 @@ class GrammarCompiler:
             self._run(constraint, fut)
         return fut.result()
 
-    async def compile_async(self, constraint: Constraint, *, timeout: float | None = None) -> CompiledConstraint:
+    async def compile_async(
+        self, constraint: Constraint, *, timeout: float | None = None
+    ) -> CompiledConstraint:
         """Compile in a worker thread; raise `GrammarError` after `timeout` seconds (default: the
         compiler's). A compile that times out keeps running and still fills the cache."""
         limit = self.timeout if timeout is None else timeout

@@ -75,8 +75,15 @@ class JsonSchema(Constraint):
         self.max_number_digits = max_number_digits
 
     def _identity(self) -> Any:
-        return [self.schema, self.separators, self.max_whitespace, self.allow_undeclared, self.strict,
-                self.max_string_length, self.max_number_digits]
+        return [
+            self.schema,
+            self.separators,
+            self.max_whitespace,
+            self.allow_undeclared,
+            self.strict,
+            self.max_string_length,
+            self.max_number_digits,
+        ]
 
     def ebnf(self) -> tuple[str, list[str]]:
         """The grammar as EBNF text (what `ToolCalls` embeds), with warnings."""
@@ -122,7 +129,9 @@ class Regex(Constraint):
         try:
             return xgr.Grammar.from_regex(self.pattern), []
         except RuntimeError as e:
-            raise GrammarError(f"cannot compile regex {self.pattern!r}: {_first_line(e)}", param="regex") from e
+            raise GrammarError(
+                f"cannot compile regex {self.pattern!r}: {_first_line(e)}", param="regex"
+            ) from e
 
 
 class Ebnf(Constraint):
@@ -140,20 +149,28 @@ class Ebnf(Constraint):
 
 
 class Lark(Constraint):
-    """A grammar in Lark syntax (text, or a path to a `.lark` file) with a `start` rule.
+    """A grammar in Lark syntax (text, or a path to a `.lark` file); `start` names the start rule,
+    as Lark's own `start=` option does.
 
     Rule and terminal priorities (`rule.2:`) only steer Lark's parser, not the language, so they
     are dropped; templates are not supported by xgrammar and are reported as an error.
     """
 
-    def __init__(self, text: str | Path) -> None:
+    def __init__(self, text: str | Path, *, start: str = "start") -> None:
         self.text = _read_if_path(text, ".lark")
+        self.start = start
 
     def _identity(self) -> Any:
-        return self.text
+        return [self.text, self.start]
 
     def build(self) -> tuple[xgr.Grammar, list[str]]:
         text = re.sub(r"(?m)^(\s*[?!]?[A-Za-z_]\w*)\.-?\d+(\s*:)", r"\1\2", self.text)
+        if self.start != "start":
+            if re.search(r"(?m)^\s*[?!]?start\s*:", text):
+                raise GrammarError(
+                    f"the grammar defines `start` but start={self.start!r} was asked for", param="grammar"
+                )
+            text += f"\nstart: {self.start}\n"
         try:
             return xgr.Grammar.from_lark(text), []
         except RuntimeError as e:
@@ -199,7 +216,9 @@ def _schema_dict(schema: dict[str, Any] | str | type) -> dict[str, Any]:
     if schema is True:
         return {}
     if not isinstance(schema, dict):
-        raise GrammarError("a JSON schema must be a dict, JSON text or a pydantic model class", param="schema")
+        raise GrammarError(
+            "a JSON schema must be a dict, JSON text or a pydantic model class", param="schema"
+        )
     return schema
 
 

@@ -46,12 +46,10 @@ def json_schema_ebnf(
     rules = _Rules(text)
     comma, colon = separators
     if not any_ws:  # xgrammar keeps ", " in untyped arrays/objects whatever the separators
-        rules.replace("basic_array_items", f'(({_lit(comma)} basic_any))')
-        rules.replace("basic_object_properties", f'(({_lit(comma)} basic_string {_lit(colon)} basic_any))')
-        rules.replace(
-            "basic_object",
-            f'(("{{" basic_string {_lit(colon)} basic_any basic_object_properties{{0, -1}} "}}") | ("{{" "}}"))',
-        )
+        rules.replace("basic_array_items", f"(({_lit(comma)} basic_any))")
+        rules.replace("basic_object_properties", f"(({_lit(comma)} basic_string {_lit(colon)} basic_any))")
+        first = f"basic_string {_lit(colon)} basic_any"
+        rules.replace("basic_object", f'(("{{" {first} basic_object_properties{{0, -1}} "}}") | ("{{" "}}"))')
     if max_string_length is not None:
         n = max_string_length
         rules.replace("basic_string", f'(("\\"" basic_string_char{{0, {n}}} "\\""))')

@@ -110,7 +110,9 @@ class MaskFiller:
             self._batch.batch_fill_next_token_bitmask(ours, bitmask, rows)
         return bitmask
 
-    def start(self, matchers: Sequence[TokenConstraint | None], bitmask: torch.Tensor) -> cf.Future[torch.Tensor]:
+    def start(
+        self, matchers: Sequence[TokenConstraint | None], bitmask: torch.Tensor
+    ) -> cf.Future[torch.Tensor]:
         if self._pending is not None and not self._pending.done():
             raise RuntimeError("MaskFiller.start called again before wait()")
         self._pending = self._pool.submit(self.fill, list(matchers), bitmask)

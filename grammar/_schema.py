@@ -21,30 +21,32 @@ __all__ = ["NormalizedSchema", "normalize_schema"]
 
 # BFCL / Python / Java-ish type names → JSON Schema types (None: no type constraint).
 _TYPE_ALIASES: dict[str, str | None] = {
-    "dict": "object", "object": "object", "hashmap": "object", "map": "object",
-    "float": "number", "double": "number", "number": "number",
-    "integer": "integer", "int": "integer", "long": "integer", "short": "integer", "byte": "integer",
-    "tuple": "array", "list": "array", "array": "array", "arraylist": "array",
-    "string": "string", "str": "string", "char": "string", "character": "string",
-    "boolean": "boolean", "bool": "boolean",
-    "null": "null", "none": "null",
+    **dict.fromkeys(["dict", "object", "hashmap", "map"], "object"),
+    **dict.fromkeys(["float", "double", "number"], "number"),
+    **dict.fromkeys(["integer", "int", "long", "short", "byte"], "integer"),
+    **dict.fromkeys(["tuple", "list", "array", "arraylist"], "array"),
+    **dict.fromkeys(["string", "str", "char", "character"], "string"),
+    **dict.fromkeys(["boolean", "bool"], "boolean"),
+    **dict.fromkeys(["null", "none"], "null"),
     "any": None,
 }
 
-# Validation keywords the grammar does not enforce (xgrammar 0.2.8, checked by tests/grammar).
+# Validation keywords the grammar does not enforce (xgrammar 0.2.8; tests/grammar checks each one
+# really is let through). uniqueItems only matters when true.
 _UNENFORCED = {
-    "uniqueItems": lambda v: v is True,
-    "contains": None, "minContains": None, "maxContains": None,
-    "dependentRequired": None, "dependencies": None, "dependentSchemas": None,
-    "not": None, "if": None, "then": None, "else": None,
-    "unevaluatedProperties": None, "unevaluatedItems": None,
-}
+    "contains", "minContains", "maxContains", "dependentRequired", "dependencies", "dependentSchemas",
+    "not", "if", "then", "else", "unevaluatedProperties", "unevaluatedItems",
+}  # fmt: skip
 _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SUBSCHEMA_ONE = ("items", "additionalProperties", "additionalItems", "propertyNames", "not", "if", "then",
-                  "else", "contains", "unevaluatedProperties", "unevaluatedItems")
-_ANNOTATIONS = {"title", "description", "default", "examples", "$comment", "readOnly", "writeOnly",
-                "deprecated", "$schema", "$id", "id"}
+_SUBSCHEMA_ONE = (
+    "items", "additionalProperties", "additionalItems", "propertyNames", "not", "if", "then", "else",
+    "contains", "unevaluatedProperties", "unevaluatedItems",
+)  # fmt: skip
+_ANNOTATIONS = {
+    "title", "description", "default", "examples", "$comment", "readOnly", "writeOnly", "deprecated",
+    "$schema", "$id", "id",
+}  # fmt: skip
 _RANGE_KEYS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 _LOOKAROUND = re.compile(r"\(\?<?[=!]")
 _LOWER_BOUNDS = {"minimum", "exclusiveMinimum", "minLength", "minItems", "minProperties"}
@@ -81,15 +83,25 @@ def normalize_schema(
     if strict is None:
         strict = out.get("strict") is True
     out.pop("strict", None)
-    norm = _Normalizer(strict=strict, allow_undeclared=allow_undeclared, max_integer_digits=max_integer_digits,
-                       max_string_length=max_string_length)
+    norm = _Normalizer(
+        strict=strict,
+        allow_undeclared=allow_undeclared,
+        max_integer_digits=max_integer_digits,
+        max_string_length=max_string_length,
+    )
     out = norm.walk(out, "")
     return NormalizedSchema(out, norm.warnings)
 
 
 class _Normalizer:
-    def __init__(self, *, strict: bool, allow_undeclared: bool, max_integer_digits: int | None,
-                 max_string_length: int | None) -> None:
+    def __init__(
+        self,
+        *,
+        strict: bool,
+        allow_undeclared: bool,
+        max_integer_digits: int | None,
+        max_string_length: int | None,
+    ) -> None:
         self.max_string_length = max_string_length
         self.strict = strict
         self.allow_undeclared = allow_undeclared
@@ -109,8 +121,11 @@ class _Normalizer:
             s = self._nullable(s)
         if "allOf" in s:
             s = self._merge_all_of(s, path)
-        if _types_of(s) == {"array"} and isinstance(s.get("enum"), list) and s["enum"] and not any(
-            isinstance(v, (list, dict)) for v in s["enum"]
+        if (
+            _types_of(s) == {"array"}
+            and isinstance(s.get("enum"), list)
+            and s["enum"]
+            and not any(isinstance(v, (list, dict)) for v in s["enum"])
         ):  # BFCL writes the items' enum on the array itself
             items = s.get("items") if isinstance(s.get("items"), dict) else {}
             items.setdefault("enum", s.pop("enum"))
@@ -121,20 +136,26 @@ class _Normalizer:
             extra = s.pop("additionalItems", None)
             if extra is not None:
                 s["items"] = extra
-        for key, check in _UNENFORCED.items():
-            if key in s and (check is None or check(s[key])):
-                self.warn(path, f"'{key}' is not enforced by the grammar; outputs may violate it")
+        for key in sorted(_UNENFORCED & s.keys()) + (["uniqueItems"] if s.get("uniqueItems") is True else []):
+            self.warn(path, f"'{key}' is not enforced by the grammar; outputs may violate it")
         for key in ("anyOf", "oneOf"):
             if isinstance(s.get(key), list) and ("properties" in s or "required" in s):
-                self.warn(path, f"'{key}' next to 'properties'/'required' in the same schema is only partly enforced")
+                self.warn(
+                    path,
+                    f"'{key}' next to 'properties'/'required' in the same schema is only partly enforced",
+                )
         if isinstance(s.get("oneOf"), list) and len(s["oneOf"]) > 1 and not _disjoint_types(s["oneOf"]):
-            self.warn(path, "'oneOf' branches may overlap; the grammar enforces 'anyOf' (at least one branch)")
+            self.warn(
+                path, "'oneOf' branches may overlap; the grammar enforces 'anyOf' (at least one branch)"
+            )
         if "multipleOf" in s and _types_of(s) != {"integer"}:
             self.warn(path, "'multipleOf' on non-integers is not enforced by the grammar")
         if "format" in s and not _format_supported(str(s["format"])):
             self.warn(path, f"format {s['format']!r} is not enforced by the grammar")
         if ("pattern" in s or "format" in s) and ("minLength" in s or "maxLength" in s):
-            self.warn(path, "'minLength'/'maxLength' next to 'pattern' or 'format' are not enforced by the grammar")
+            self.warn(
+                path, "'minLength'/'maxLength' next to 'pattern' or 'format' are not enforced by the grammar"
+            )
         if "multipleOf" in s and _types_of(s) == {"integer"} and _RANGE_KEYS & s.keys():
             self.warn(path, "'multipleOf' together with a range is not enforced by the grammar")
         if isinstance(s.get("pattern"), str):
@@ -156,11 +177,20 @@ class _Normalizer:
             self._object_rules(s)
         if "array" in _types_of(s) and "items" not in s and "prefixItems" not in s:
             s["items"] = {}  # xgrammar's closed mode would otherwise allow only []
-        if (self.max_integer_digits and _types_of(s) == {"integer"} and not {"enum", "const", "multipleOf"} & s.keys()):
+        if (
+            self.max_integer_digits
+            and _types_of(s) == {"integer"}
+            and not {"enum", "const", "multipleOf"} & s.keys()
+        ):
             bound = 10**self.max_integer_digits - 1
             s.setdefault("minimum", -bound)
             s.setdefault("maximum", bound)
-        if self.max_string_length and "minLength" in s and "maxLength" not in s and _types_of(s) == {"string"}:
+        if (
+            self.max_string_length
+            and "minLength" in s
+            and "maxLength" not in s
+            and _types_of(s) == {"string"}
+        ):
             s["maxLength"] = max(self.max_string_length, s["minLength"])
         return s
 
@@ -200,8 +230,10 @@ class _Normalizer:
             props = s.get("properties") or {}
             s["required"] = list(props)
             s["additionalProperties"] = False
-        elif "additionalProperties" not in s and "unevaluatedProperties" not in s and (
-            self.allow_undeclared or not (s.get("properties") or s.get("patternProperties"))
+        elif (
+            "additionalProperties" not in s
+            and "unevaluatedProperties" not in s
+            and (self.allow_undeclared or not (s.get("properties") or s.get("patternProperties")))
         ):  # closed by default only where the schema names properties; `{"type": "object"}` stays open
             s["additionalProperties"] = True
 
@@ -211,9 +243,13 @@ class _Normalizer:
             if sub is False:
                 del s["properties"][name]
                 if name in s.get("required", []):
-                    raise GrammarError(f"{path}/properties/{name}: required but forbidden (false)", param="schema")
+                    raise GrammarError(
+                        f"{path}/properties/{name}: required but forbidden (false)", param="schema"
+                    )
                 if not self.strict and s.get("additionalProperties", self.allow_undeclared) is not False:
-                    self.warn(path, f"property {name!r} is forbidden (false) but may still appear as an extra")
+                    self.warn(
+                        path, f"property {name!r} is forbidden (false) but may still appear as an extra"
+                    )
 
     def _merge_all_of(self, s: dict[str, Any], path: str) -> dict[str, Any]:
         branches = s.pop("allOf")
@@ -222,7 +258,10 @@ class _Normalizer:
         for b in branches:
             if b is True or b == {}:
                 continue
-            if not isinstance(b, dict) or "$ref" in b or not _merge_into(merged, copy.deepcopy(b)):
+            if isinstance(b, dict):
+                b = copy.deepcopy(b)
+                self._types(b, path)
+            if not isinstance(b, dict) or "$ref" in b or not _merge_into(merged, b):
                 rest.append(b)
         if rest:
             self.warn(path, "'allOf' with references or conflicting keywords is only partly enforced")
@@ -261,8 +300,11 @@ def _merge_into(a: dict[str, Any], b: dict[str, Any]) -> bool:
         elif k == "type":
             ta = set(trial[k]) if isinstance(trial[k], list) else {trial[k]}
             tb = set(v) if isinstance(v, list) else {v}
-            both = ta & tb | ({"integer"} if ("number" in ta and "integer" in tb) or
-                              ("integer" in ta and "number" in tb) else set())
+            both = ta & tb | (
+                {"integer"}
+                if ("number" in ta and "integer" in tb) or ("integer" in ta and "number" in tb)
+                else set()
+            )
             if not both:
                 return False
             trial[k] = sorted(both) if len(both) > 1 else both.pop()
@@ -287,14 +329,15 @@ def _anchor(pattern: str) -> str:
     return ("" if start else ".*") + f"(?:{core})" + ("" if end else ".*")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _format_supported(fmt: str) -> bool:
     # a format xgrammar ignores compiles to the same grammar as a plain string
     def text(schema: dict[str, Any]) -> str:
         return str(xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=(",", ":")))
 
     try:
-        return text({"type": "string", "format": fmt}) != text({"type": "string", "format": "-no-such-format-"})
+        return text({"type": "string", "format": fmt}) != text(
+            {"type": "string", "format": "-no-such-format-"}
+        )
     except RuntimeError:
         return False
-

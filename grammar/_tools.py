@@ -16,7 +16,14 @@ from agentrt.errors import GrammarError
 from agentrt.grammar._constraints import Constraint, JsonSchema
 from agentrt.grammar._json import _first_line
 
-__all__ = ["ToolSpec", "ToolCalls", "render_tool_call", "parse_tool_calls", "TOOL_CALL_BEGIN", "TOOL_CALL_END"]
+__all__ = [
+    "ToolSpec",
+    "ToolCalls",
+    "render_tool_call",
+    "parse_tool_calls",
+    "TOOL_CALL_BEGIN",
+    "TOOL_CALL_END",
+]
 
 TOOL_CALL_BEGIN = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
@@ -42,12 +49,18 @@ class ToolSpec(BaseModel):
             if callable(getattr(tool, attr, None)):
                 tool = getattr(tool, attr)()
                 break
-        if isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("function"), dict):
+        if (
+            isinstance(tool, dict)
+            and tool.get("type") == "function"
+            and isinstance(tool.get("function"), dict)
+        ):
             tool = tool["function"]
         try:
             return cls.model_validate(tool)
         except ValidationError as e:
-            raise GrammarError(f"invalid tool definition: {e.errors()[0]['msg']} in {tool!r:.120}", param="tools") from e
+            raise GrammarError(
+                f"invalid tool definition: {e.errors()[0]['msg']} in {tool!r:.120}", param="tools"
+            ) from e
 
 
 ToolChoice = Literal["auto", "required", "none"] | dict[str, Any]
@@ -76,7 +89,7 @@ class ToolCalls(Constraint):
         names = [t.name for t in self.tools]
         if len(set(names)) != len(names):
             raise GrammarError(f"duplicate tool names in {names}", param="tools")
-        self.choice = _choice_name(choice, names)
+        self.choice, self.named = _choice_name(choice, names)
         if self.choice == "required" and not self.tools:
             raise GrammarError("tool_choice 'required' needs at least one tool", param="tool_choice")
         self.parallel = parallel
@@ -84,32 +97,55 @@ class ToolCalls(Constraint):
         self.schema_options = schema_options
 
     def _identity(self) -> Any:
-        return [[t.model_dump() for t in self.tools], self.choice, self.parallel, self.separators,
-                sorted(self.schema_options.items())]
+        return [
+            [t.model_dump() for t in self.tools],
+            self.choice,
+            self.named,
+            self.parallel,
+            self.separators,
+            sorted(self.schema_options.items()),
+        ]
 
     def structural_tag(self) -> tuple[dict[str, Any], list[str]]:
         """The xgrammar structural tag (as a dict) and warnings about the tools' schemas."""
         if self.choice == "none" or not self.tools:
-            return {"type": "structural_tag", "format": {"type": "any_text", "excludes": [TOOL_CALL_BEGIN]}}, []
+            return {
+                "type": "structural_tag",
+                "format": {"type": "any_text", "excludes": [TOOL_CALL_BEGIN]},
+            }, []
         warnings: list[str] = []
         tags = []
         for tool in self.tools:
-            if self.choice not in ("auto", "required") and tool.name != self.choice:
+            if self.named is not None and tool.name != self.named:
                 continue
-            schema = JsonSchema(tool.parameters, strict=tool.strict, separators=self.separators, **self.schema_options)
+            schema = JsonSchema(
+                tool.parameters, strict=tool.strict, separators=self.separators, **self.schema_options
+            )
             try:
                 text, ws = schema.ebnf()
             except GrammarError as e:
                 raise GrammarError(f"tool {tool.name!r}: {e}", param="tools") from e
             warnings += [f"tool {tool.name!r}: {w}" for w in ws]
             begin, end = _envelope(tool.name, self.separators)
-            tags.append({"type": "tag", "begin": begin, "content": {"type": "grammar", "grammar": text}, "end": end})
+            tags.append(
+                {"type": "tag", "begin": begin, "content": {"type": "grammar", "grammar": text}, "end": end}
+            )
         if self.choice == "auto":
-            fmt = {"type": "triggered_tags", "triggers": [TOOL_CALL_BEGIN], "tags": tags,
-                   "at_least_one": False, "stop_after_first": not self.parallel}
+            fmt = {
+                "type": "triggered_tags",
+                "triggers": [TOOL_CALL_BEGIN],
+                "tags": tags,
+                "at_least_one": False,
+                "stop_after_first": not self.parallel,
+            }
         else:
-            fmt = {"type": "tags_with_separator", "tags": tags, "separator": _CALL_SEPARATOR,
-                   "at_least_one": True, "stop_after_first": not self.parallel}
+            fmt = {
+                "type": "tags_with_separator",
+                "tags": tags,
+                "separator": _CALL_SEPARATOR,
+                "at_least_one": True,
+                "stop_after_first": not self.parallel,
+            }
         return {"type": "structural_tag", "format": fmt}, warnings
 
     def build(self) -> tuple[xgr.Grammar, list[str]]:
@@ -117,16 +153,20 @@ class ToolCalls(Constraint):
         try:
             return xgr.Grammar.from_structural_tag(tag), warnings
         except (RuntimeError, ValueError) as e:
-            raise GrammarError(f"cannot compile the tool-call grammar: {_first_line(e)}", param="tools") from e
+            raise GrammarError(
+                f"cannot compile the tool-call grammar: {_first_line(e)}", param="tools"
+            ) from e
 
 
-def render_tool_call(name: str, arguments: dict[str, Any], *, separators: tuple[str, str] = (",", ":")) -> str:
+def render_tool_call(
+    name: str, arguments: dict[str, Any], *, separators: tuple[str, str] = (",", ":")
+) -> str:
     """One call exactly as the `ToolCalls` grammar (default layout) lets the model write it."""
     begin, end = _envelope(name, separators)
     return begin + json.dumps(arguments, separators=separators, ensure_ascii=False) + end
 
 
-_CALL_RE = re.compile(re.escape(TOOL_CALL_BEGIN) + r"(.*?)" + re.escape(TOOL_CALL_END), re.S)
+_CALL_RE = re.compile(re.escape(TOOL_CALL_BEGIN) + r"(.*?)" + re.escape(TOOL_CALL_END), re.DOTALL)
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
@@ -158,14 +198,19 @@ def _envelope(name: str, separators: tuple[str, str]) -> tuple[str, str]:
     return f'{TOOL_CALL_BEGIN}{{"name"{colon}{name_json}{comma}"arguments"{colon}', f"}}{TOOL_CALL_END}"
 
 
-def _choice_name(choice: ToolChoice, names: list[str]) -> str:
+def _choice_name(choice: ToolChoice, names: list[str]) -> tuple[str, str | None]:
+    """("auto" | "required" | "none", the one tool a named choice forces, or None)."""
     if isinstance(choice, dict):
         fn = choice.get("function") if choice.get("type") == "function" else choice
         name = fn.get("name") if isinstance(fn, dict) else None
         if name not in names:
-            raise GrammarError(f"tool_choice names {name!r}, which is not among the tools {names}", param="tool_choice")
-        return name
+            raise GrammarError(
+                f"tool_choice names {name!r}, which is not among the tools {names}", param="tool_choice"
+            )
+        return "required", name
     if choice not in ("auto", "required", "none"):
-        raise GrammarError(f"tool_choice must be 'auto', 'required', 'none' or {{'name': ...}}, got {choice!r}",
-                           param="tool_choice")
-    return choice
+        raise GrammarError(
+            f"tool_choice must be 'auto', 'required', 'none' or {{'name': ...}}, got {choice!r}",
+            param="tool_choice",
+        )
+    return choice, None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
@@ -125,6 +126,17 @@ def test_lark_text_file_and_priorities(accepts, tmp_path):
         Lark(tmp_path / "missing.lark")
 
 
+def test_lark_start_rule_and_the_planner_grammar(accepts):
+    plan_lark = Path(__file__).parents[2] / "planner" / "plan.lark"
+    if not plan_lark.exists():
+        pytest.skip(f"{plan_lark} not found")
+    plan = Lark(plan_lark, start="plan")
+    assert accepts(plan, 'Thought: look it up\n1. search({"q":"x"})\n2. join()\n')
+    assert not accepts(plan, "1. search(oops)\n")
+    with pytest.raises(GrammarError, match="defines `start`"):
+        Lark('start: "a"', start="other").build()
+
+
 def test_choice(accepts):
     c = Choice(["yes", "no", 'say "hi"'])
     assert accepts(c, "no")
@@ -144,7 +156,10 @@ WEATHER = {
         "required": ["city"],
     },
 }
-TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
 CALL = render_tool_call("get_weather", {"city": "Paris", "days": 2})
 TIME_CALL = render_tool_call("get_time", {})
 
@@ -199,8 +214,10 @@ def test_tool_calls_bad_input_is_an_invalid_request():
 def test_parse_tool_calls_round_trips_rendered_calls():
     text, calls = parse_tool_calls(f"Checking. {CALL}\n{TIME_CALL}")
     assert text == "Checking."
-    assert calls == [{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}},
-                     {"name": "get_time", "arguments": {}}]
+    assert calls == [
+        {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}},
+        {"name": "get_time", "arguments": {}},
+    ]
     text, calls = parse_tool_calls("<tool_call>{broken</tool_call>")
     assert calls == [] and "broken" in text
 

@@ -39,8 +39,11 @@ def test_mask_allows_exactly_the_grammar_continuations(compiler, tokenizer):
 
 
 def test_termination_rollback_and_jump_forward(compiler, tokenizer):
-    schema = {"type": "object", "properties": {"status": {"enum": ["ok"]}, "n": {"type": "integer"}},
-              "required": ["status", "n"]}
+    schema = {
+        "type": "object",
+        "properties": {"status": {"enum": ["ok"]}, "n": {"type": "integer"}},
+        "required": ["status", "n"],
+    }
     m = compiler.compile(JsonSchema(schema)).matcher()
     assert m.find_jump_forward_string() == '{"status":"ok","n":'  # forced text, appended without sampling
     ids = tokenizer.encode('{"status":"ok","n":12}', add_special_tokens=False)
@@ -131,8 +134,12 @@ def test_random_model_under_capped_schema_finishes_with_valid_json(compiler, tok
 
 
 def test_random_model_under_required_tool_calls_emits_valid_calls(compiler, tokenizer):
-    tools = [{"name": "lookup", "parameters": {"type": "object", "properties": {"q": {"type": "string"}},
-                                               "required": ["q"]}}]
+    tools = [
+        {
+            "name": "lookup",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]},
+        }
+    ]
     compiled = compiler.compile(ToolCalls(tools, "required", parallel=False, max_string_length=6))
     text, done = random_decode(compiled.matcher(), tokenizer, random.Random(1), max_tokens=100)
     assert done
@@ -141,6 +148,7 @@ def test_random_model_under_required_tool_calls_emits_valid_calls(compiler, toke
     assert isinstance(calls[0]["arguments"]["q"], str) and len(calls[0]["arguments"]["q"]) <= 6
 
 
-@pytest.mark.skip(reason="generation compliance with tiny-random / smollm2-135m needs the engine (issue 3, item 6)")
-def test_generation_compliance_with_the_engine():
-    ...
+@pytest.mark.skip(
+    reason="generation compliance with tiny-random / smollm2-135m needs the engine (issue 3, item 6)"
+)
+def test_generation_compliance_with_the_engine(): ...

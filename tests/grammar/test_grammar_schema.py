@@ -34,18 +34,28 @@ def test_bfcl_types_map_to_json_schema(accepts):
 
 
 def test_nullable_adds_null(accepts):
-    s = {"type": "object", "properties": {"a": {"type": "string", "nullable": True},
-                                          "b": {"enum": ["x", "y"], "nullable": True}}}
+    s = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "string", "nullable": True},
+            "b": {"enum": ["x", "y"], "nullable": True},
+        },
+    }
     c = JsonSchema(s)
     assert accepts(c, '{"a":null,"b":null}')
     assert accepts(c, '{"a":"s","b":"y"}')
     assert not accepts(c, '{"a":1}')
-    assert normalize_schema({"nullable": True, "properties": {"q": {}}}).schema["anyOf"][1] == {"type": "null"}
+    assert normalize_schema({"nullable": True, "properties": {"q": {}}}).schema["anyOf"][1] == {
+        "type": "null"
+    }
 
 
 def test_strict_makes_every_property_required_and_closed(accepts):
-    s = {"type": "object", "strict": True, "properties": {"a": {"type": "integer"},
-                                                          "o": {"type": "object", "properties": {"k": {}}}}}
+    s = {
+        "type": "object",
+        "strict": True,
+        "properties": {"a": {"type": "integer"}, "o": {"type": "object", "properties": {"k": {}}}},
+    }
     norm = normalize_schema(s).schema
     assert norm["required"] == ["a", "o"] and norm["additionalProperties"] is False
     assert norm["properties"]["o"]["required"] == ["k"]
@@ -57,9 +67,16 @@ def test_strict_makes_every_property_required_and_closed(accepts):
 
 def test_refs_and_defs_resolve(accepts):
     s = {
-        "$defs": {"node": {"type": "object", "properties": {"v": {"type": "integer"},
-                                                            "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
-                           "required": ["v"]}},
+        "$defs": {
+            "node": {
+                "type": "object",
+                "properties": {
+                    "v": {"type": "integer"},
+                    "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}},
+                },
+                "required": ["v"],
+            }
+        },
         "$ref": "#/$defs/node",
     }
     c = JsonSchema(s)
@@ -73,8 +90,11 @@ def test_refs_and_defs_resolve(accepts):
         ("uniqueItems", {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1,1]"),
         ("not", {"not": {"type": "string"}}, '"s"'),
         ("if", {"type": "string", "if": {"minLength": 1}, "then": {"maxLength": 2}}, '"abc"'),
-        ("dependentRequired", {"type": "object", "properties": {"a": {}, "b": {}},
-                               "dependentRequired": {"a": ["b"]}}, '{"a":1}'),
+        (
+            "dependentRequired",
+            {"type": "object", "properties": {"a": {}, "b": {}}, "dependentRequired": {"a": ["b"]}},
+            '{"a":1}',
+        ),
         ("contains", {"type": "array", "contains": {"type": "integer"}}, '["x"]'),
         ("multipleOf", {"type": "number", "multipleOf": 0.5}, "1.2"),
         ("format", {"type": "string", "format": "made-up-format"}, None),
@@ -85,7 +105,9 @@ def test_refs_and_defs_resolve(accepts):
         ("lookaround", {"type": "string", "pattern": "^(?!x)[a-z]+$"}, '"xyz"'),
     ],
 )
-def test_unenforced_keywords_are_reported_not_silently_loosened(accepts, compiler, keyword, schema, violating):
+def test_unenforced_keywords_are_reported_not_silently_loosened(
+    accepts, compiler, keyword, schema, violating
+):
     compiled = compiler.compile(JsonSchema(schema))
     assert any(keyword in w for w in compiled.warnings), compiled.warnings
     if violating is not None:  # the warning is true: the grammar does let the violation through
@@ -93,10 +115,14 @@ def test_unenforced_keywords_are_reported_not_silently_loosened(accepts, compile
 
 
 def test_enforced_keywords_raise_no_warning(compiler, accepts):
-    s = {"type": "object", "properties": {
-        "n": {"type": "integer", "minimum": 1, "maximum": 5},
-        "s": {"type": "string", "pattern": "^[a-c]+$", "format": "email"},
-        "l": {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 2}}}
+    s = {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer", "minimum": 1, "maximum": 5},
+            "s": {"type": "string", "pattern": "^[a-c]+$", "format": "email"},
+            "l": {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 2},
+        },
+    }
     assert compiler.compile(JsonSchema({"type": "string", "format": "date"})).warnings == []
     assert compiler.compile(JsonSchema(s["properties"]["n"])).warnings == []
     assert not accepts(JsonSchema(s["properties"]["n"]), "6")
@@ -104,8 +130,13 @@ def test_enforced_keywords_raise_no_warning(compiler, accepts):
 
 
 def test_all_of_is_merged_and_conflicts_warn(accepts):
-    s = {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},
-                   {"required": ["a"]}, {"properties": {"a": {"minimum": 3}}}]}
+    s = {
+        "allOf": [
+            {"type": "object", "properties": {"a": {"type": "integer"}}},
+            {"required": ["a"]},
+            {"properties": {"a": {"minimum": 3}}},
+        ]
+    }
     norm = normalize_schema(s)
     assert "allOf" not in norm.schema and norm.warnings == []
     assert accepts(JsonSchema(s), '{"a":4}')
@@ -142,9 +173,10 @@ def test_false_property_is_forbidden_or_reported(accepts):
 
 
 def test_integer_digit_cap_bounds_unbounded_integers_only():
-    norm = normalize_schema({"type": "object", "properties": {"a": {"type": "integer"},
-                                                              "b": {"type": "integer", "maximum": 10}}},
-                            max_integer_digits=3).schema
+    norm = normalize_schema(
+        {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer", "maximum": 10}}},
+        max_integer_digits=3,
+    ).schema
     assert norm["properties"]["a"] == {"type": "integer", "minimum": -999, "maximum": 999}
     assert norm["properties"]["b"]["maximum"] == 10
 

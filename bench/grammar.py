@@ -1,0 +1,151 @@
+"""Grammar benchmark: what constrained decoding costs, on our engine and on transformers + xgrammar.
+
+One process, same weights and prompt: our engine unconstrained, constrained with the mask filled
+while the forward runs (overlap), constrained with the mask filled before the forward, and
+transformers `generate` with xgrammar's HF logits processor. Decode ms/token at batch 1 and 8;
+mask-fill time per token (p50/p99). `--json OUT` writes
+{"rows": [{"path", "batch", "ms_per_token"}], "mask_us": {"p50", "p99"}}.
+Run: `agentrt bench grammar [--model smollm2-135m] [--tokens 64] [--json OUT]` from the repo root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+
+import torch
+
+SCHEMA = {"type": "object", "properties": {
+    "fruits": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string"}, "colour": {"type": "string"}, "sweet": {"type": "boolean"}},
+        "required": ["name", "colour", "sweet"]}}},
+    "required": ["fruits"]}
+QUESTION = "List twenty fruits with their colour and whether they are sweet, as JSON."
+
+
+def _engine_ms(engine, prompts, params, matcher_factory) -> tuple[float, int]:
+    """Decode ms per generated token (after the first) over all rows, and tokens generated."""
+    async def one(p):
+        stamps, n = [], 0
+        async for out in engine.stream(p, params, matcher_factory() if matcher_factory else None):
+            if out.token_ids:
+                stamps.append((time.perf_counter(), len(out.token_ids)))
+                n += len(out.token_ids)
+        return stamps, n
+
+    async def run():
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    results = asyncio.run(run())
+    start = max(s[0][0] for s, _ in results)
+    end = max(s[-1][0] for s, _ in results)
+    tokens = sum(sum(k for t, k in s if t > start) for s, _ in results) / len(prompts)
+    return (end - start) / max(tokens, 1) * 1000, int(sum(n for _, n in results))
+
+
+def _hf_ms(model, tok, prompt, tokens, processor) -> float:
+    class Stamps:
+        def __init__(self):
+            self.times, self.first = [], True
+
+        def put(self, value):
+            if self.first:
+                self.first = False
+            else:
+                self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    s = Stamps()
+    with torch.inference_mode():
+        model.generate(input_ids=torch.tensor([prompt], device=model.device), max_new_tokens=tokens,
+                       do_sample=False, streamer=s, logits_processor=[processor] if processor else None,
+                       pad_token_id=tok.eos_token_id)
+    return (s.times[-1] - s.times[0]) / max(len(s.times) - 1, 1) * 1000
+
+
+def run(model_name: str, tokens: int, batches: list[int], repeats: int) -> dict:
+    import xgrammar
+    from transformers import AutoModelForCausalLM
+    from xgrammar.contrib.hf import LogitsProcessor
+
+    from agentrt.engine import Engine
+    from agentrt.grammar import GrammarCompiler, JsonSchema, Matcher
+    from agentrt.models import resolve_model
+    from agentrt.sampling import SamplingParams
+
+    engine = Engine.load(model_name, device="cpu")
+    compiler = GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size)
+    compiled = compiler.compile(JsonSchema(SCHEMA))
+    stop = sorted(engine.eos_token_ids)
+    rows = []
+    for batch in batches:
+        prompts = [engine.chat_prompt([{"role": "user", "content": f"({i}) {QUESTION}"}]) for i in range(batch)]
+        free = SamplingParams(max_tokens=tokens, ignore_eos=True)
+        bound = SamplingParams(max_tokens=tokens)
+        _engine_ms(engine, prompts, SamplingParams(max_tokens=4), None)  # warm-up
+        for path, params, factory, overlap in (
+            ("agentrt unconstrained", free, None, True),
+            ("agentrt constrained, overlap", bound, lambda: Matcher(compiled, stop_token_ids=stop), True),
+            ("agentrt constrained, no overlap", bound, lambda: Matcher(compiled, stop_token_ids=stop), False),
+        ):
+            engine.mask_overlap = overlap
+            ms = statistics.median(_engine_ms(engine, prompts, params, factory)[0] for _ in range(repeats))
+            rows.append({"path": path, "batch": batch, "ms_per_token": round(ms, 2)})
+    engine.mask_overlap = True
+    mask = sorted(engine.mask_seconds)
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model(model_name), dtype=torch.float32).eval()
+    prompt = engine.chat_prompt([{"role": "user", "content": QUESTION}])
+    hf_compiler = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo.from_huggingface(
+        engine.tokenizer, vocab_size=engine.vocab_size))
+    hf_compiled = hf_compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False,
+                                                  separators=(",", ":"))
+    for path, proc in (("transformers", None), ("transformers + xgrammar", "x")):
+        ms = statistics.median(
+            _hf_ms(hf, engine.tokenizer, prompt, tokens, LogitsProcessor(hf_compiled) if proc else None)
+            for _ in range(repeats))
+        rows.append({"path": path, "batch": 1, "ms_per_token": round(ms, 2)})
+    engine.close()
+    pct = (lambda q: round(mask[min(len(mask) - 1, int(q * len(mask)))] * 1e6, 1)) if mask else (lambda q: None)
+    return {"model": model_name, "device": "cpu", "threads": torch.get_num_threads(), "tokens": tokens,
+            "rows": rows, "mask_us": {"p50": pct(0.5), "p99": pct(0.99)}}
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"grammar: {result['model']} on {result['device']} ({result['threads']} threads)")
+    for col in ("batch", "path", "ms/token", "vs unconstrained"):
+        t.add_column(col, justify="right")
+    base = {r["batch"]: r["ms_per_token"] for r in result["rows"] if r["path"] == "agentrt unconstrained"}
+    for r in result["rows"]:
+        ref = base.get(r["batch"])
+        t.add_row(str(r["batch"]), r["path"], f"{r['ms_per_token']:.1f}",
+                  f"{r['ms_per_token'] / ref:.3f}x" if ref else "")
+    Console().print(t)
+    Console().print(f"mask fill per token: p50 {result['mask_us']['p50']} us, p99 {result['mask_us']['p99']} us")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="agentrt bench grammar", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    result = run(args.model, args.tokens, args.batch, args.repeats)
+    print_table(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
