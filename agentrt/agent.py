@@ -107,9 +107,9 @@ class Agent(Generic[T]):
         return self._backend
 
     # --- entry points ---------------------------------------------------------------------------
-    async def run(self, prompt: str) -> RunResult[T]:
+    async def run(self, prompt: str, *, history: list[dict] | None = None) -> RunResult[T]:
         result = None
-        async for ev in self.stream(prompt):
+        async for ev in self.stream(prompt, history=history):
             if isinstance(ev, Final):
                 result = ev.result
         assert result is not None
@@ -118,15 +118,20 @@ class Agent(Generic[T]):
     def run_sync(self, prompt: str) -> RunResult[T]:
         return anyio.run(self.run, prompt)
 
-    async def stream(self, prompt: str) -> AsyncIterator[AgentEvent]:
-        """Typed events as the run goes: text deltas, tool starts and ends, then Final."""
+    async def stream(self, prompt: str, *, history: list[dict] | None = None) -> AsyncIterator[AgentEvent]:
+        """Typed events as the run goes: text deltas, tool starts and ends, then Final.
+
+        `history`: earlier messages of a conversation (chat mode only), placed between the
+        instructions and `prompt`; `Final.result.messages` less the instructions continues it."""
+        if history and self.mode != "chat":
+            raise InvalidRequestError("history is taken by chat mode only", param="history")
         send, receive = anyio.create_memory_object_stream[AgentEvent](256)
 
         async def produce() -> None:
             async with send:
                 try:
                     with anyio.fail_after(self.timeout):
-                        await self._run(prompt, send.send)
+                        await self._run(prompt, send.send, history or [])
                 except TimeoutError as exc:
                     raise RunTimeoutError(f"the run took longer than timeout={self.timeout}s") from exc
 
@@ -148,16 +153,18 @@ class Agent(Generic[T]):
         anyio.run(self.aclose)
 
     # --- modes ----------------------------------------------------------------------------------
-    async def _run(self, prompt: str, emit: Callable) -> None:
+    async def _run(self, prompt: str, emit: Callable, history: list[dict]) -> None:
         if self.mode == "chat":
-            text, calls, messages, steps = await self._chat(prompt, emit)
+            text, calls, messages, steps = await self._chat(prompt, emit, history)
         else:
             text, calls, messages, steps = await self._planned(prompt, emit)
         output = await self._structure(prompt, text) if self.output_type is not str else text
         await emit(Final(RunResult(output, text, self.mode, calls, messages, steps)))
 
-    async def _chat(self, prompt: str, emit: Callable) -> tuple[str, list[ToolEnd], list[dict], int]:
+    async def _chat(self, prompt: str, emit: Callable, history: list[dict]
+                    ) -> tuple[str, list[ToolEnd], list[dict], int]:
         messages: list[dict] = ([{"role": "system", "content": self.instructions}] if self.instructions else [])
+        messages.extend(history)
         messages.append({"role": "user", "content": prompt})
         done: list[ToolEnd] = []
         tools = self._offered(prompt)

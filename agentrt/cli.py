@@ -94,6 +94,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    import anyio
+
+    from agentrt.tui import run_chat
+
+    anyio.run(lambda: run_chat(model=args.model, mode=args.mode, workspace=args.workspace, device=args.device,
+                               max_tokens=args.max_tokens))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from agentrt.server import serve
 
@@ -146,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     model_opts(d)
     d.add_argument("--max-tokens", type=int, default=160)
     d.set_defaults(fn=cmd_demo)
+
+    c = sub.add_parser("chat", help="talk to an agent in the terminal (tools, live plans, approvals)")
+    model_opts(c)
+    c.add_argument("--mode", choices=("chat", "plan", "dta", "react"), default="chat")
+    c.add_argument("--workspace", default=".", help="the folder the file tools may read and write (default: here)")
+    c.add_argument("--max-tokens", type=int, default=512)
+    c.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("serve", help="serve an OpenAI-compatible API (chat completions, tools, JSON schema)")
     model_opts(s)

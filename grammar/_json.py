@@ -60,7 +60,12 @@ def json_schema_ebnf(
         rules.replace("basic_number_2", f'(("0") | ([1-9] [0-9]{{0, {n - 1}}}))')
         rules.replace("basic_number_3", f'("" | ("." basic_number_digits{{1, {n}}}))')
         rules.replace("basic_number_5", f'("" | ([eE] basic_number_4 basic_number_digits{{1, {min(n, 3)}}}))')
-    return rules.text(), rules.missing
+    text = rules.text()
+    if max_number_digits is not None:  # typed numbers get rules of their own: cap those digits too
+        n = max_number_digits
+        text = text.replace("[1-9] [0-9]*", f"[1-9] [0-9]{{0, {n - 1}}}")
+        text = re.sub(r"(\w+_digits)\{1, -1\}", lambda m: f"{m.group(1)}{{1, {n}}}", text)
+    return text, rules.missing
 
 
 class _Rules:

@@ -165,6 +165,11 @@ class _Normalizer:
         for key in _SUBSCHEMA_MAPS:
             if isinstance(s.get(key), dict):
                 s[key] = {k: self.walk(v, f"{path}/{key}/{k}") for k, v in s[key].items()}
+        for key in ("anyOf", "oneOf"):  # sibling `items` apply to every array branch too
+            if isinstance(s.get(key), list) and "items" in s:
+                for branch in s[key]:
+                    if isinstance(branch, dict) and "array" in _types_of(branch):
+                        branch.setdefault("items", s["items"])
         for key in _SUBSCHEMA_LISTS:
             if isinstance(s.get(key), list):
                 s[key] = [self.walk(v, f"{path}/{key}/{i}") for i, v in enumerate(s[key])]
@@ -210,6 +215,16 @@ class _Normalizer:
             if m not in mapped:
                 mapped.append(m)
         s["type"] = mapped[0] if len(mapped) == 1 else mapped
+        if isinstance(s.get("enum"), list):  # an enum value of another type can never validate
+            kept = [v for v in s["enum"] if _json_type(v) in mapped or (_json_type(v) == "integer"
+                                                                        and "number" in mapped)]
+            if len(kept) < len(s["enum"]):
+                if not kept:  # unsatisfiable: the grammar cannot say "nothing", so it follows the enum
+                    self.warn(path, f"no 'enum' value is of type {t!r}: nothing can match, the grammar "
+                                    "follows the enum")
+                else:
+                    self.warn(path, f"'enum' values not of type {t!r} were dropped")
+                    s["enum"] = kept
 
     def _nullable(self, s: dict[str, Any]) -> dict[str, Any]:
         if "enum" in s and None not in s["enum"]:
@@ -226,6 +241,10 @@ class _Normalizer:
         return {"anyOf": [s, {"type": "null"}]} if s else s
 
     def _object_rules(self, s: dict[str, Any]) -> None:
+        props = s.get("properties")
+        if isinstance(props, dict):  # required but undeclared: a closed object must still admit it
+            for name in s.get("required", []):
+                props.setdefault(name, {})
         if self.strict:
             props = s.get("properties") or {}
             s["required"] = list(props)
@@ -267,6 +286,16 @@ class _Normalizer:
             self.warn(path, "'allOf' with references or conflicting keywords is only partly enforced")
             merged["allOf"] = rest
         return merged
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int):
+        return "integer"
+    return {float: "number", str: "string", list: "array", dict: "object"}.get(type(v), "?")
 
 
 def _types_of(s: dict[str, Any]) -> set[str]:

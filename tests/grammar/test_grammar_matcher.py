@@ -146,9 +146,3 @@ def test_random_model_under_required_tool_calls_emits_valid_calls(compiler, toke
     rest, calls = parse_tool_calls(text)
     assert rest == "" and len(calls) == 1 and calls[0]["name"] == "lookup"
     assert isinstance(calls[0]["arguments"]["q"], str) and len(calls[0]["arguments"]["q"]) <= 6
-
-
-@pytest.mark.skip(
-    reason="generation compliance with tiny-random / smollm2-135m needs the engine (issue 3, item 6)"
-)
-def test_generation_compliance_with_the_engine(): ...
