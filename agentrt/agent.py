@@ -76,14 +76,17 @@ class Agent(Generic[T]):
                  output_type: type[T] = str, instructions: str | None = None, max_steps: int = 8,
                  timeout: float | None = None, temperature: float = 0.0, max_tokens: int = 512,
                  tool_top_k: int | None = None, tool_choice: str = "auto", grammar_options: dict | None = None,
-                 device: str | None = None) -> None:
+                 workers: int = 4, device: str | None = None) -> None:
         from agentrt.tools import ToolRegistry
 
         if mode not in MODES:
             raise InvalidRequestError(f"mode {mode!r} is not one of {', '.join(MODES)}", param="mode")
-        if mode in ("thread", "hogwild"):
-            raise InvalidRequestError(f"mode {mode!r} is not available in this release yet: use chat, plan, dta "
-                                      "or react", param="mode")
+        if mode == "thread":
+            raise InvalidRequestError("mode 'thread' is not available in this release yet: use chat, plan, dta, "
+                                      "react or hogwild", param="mode")
+        if not isinstance(workers, int) or workers < 1:
+            raise InvalidRequestError(f"workers must be a positive integer, got {workers!r}", param="workers")
+        self.workers = workers
         self.mode = mode
         self.registry = tools if isinstance(tools, ToolRegistry) else ToolRegistry(tools)
         self.output_type = output_type
@@ -156,6 +159,8 @@ class Agent(Generic[T]):
     async def _run(self, prompt: str, emit: Callable, history: list[dict]) -> None:
         if self.mode == "chat":
             text, calls, messages, steps = await self._chat(prompt, emit, history)
+        elif self.mode == "hogwild":
+            text, calls, messages, steps = await self._hogwild(prompt, emit)
         else:
             text, calls, messages, steps = await self._planned(prompt, emit)
         output = await self._structure(prompt, text) if self.output_type is not str else text
@@ -242,6 +247,21 @@ class Agent(Generic[T]):
         answer = run.answer or ""
         await emit(TextDelta(answer))
         return answer, calls, [{"role": "assistant", "content": o} for o in run.outputs], run.rounds
+
+    async def _hogwild(self, prompt: str, emit: Callable) -> tuple[str, list[ToolEnd], list[dict], int]:
+        """Hogwild! Inference: `workers` decoders over one shared KV cache (local engine only)."""
+        from agentrt.hogwild import HogwildPool
+
+        engine = getattr(self.backend, "engine", None)
+        if engine is None:
+            raise InvalidRequestError("mode 'hogwild' needs the local engine (its shared KV cache); a remote "
+                                      "backend cannot run it", param="mode")
+        question = f"{self.instructions}\n\n{prompt}" if self.instructions else prompt
+        result = await HogwildPool(engine, workers=self.workers).run(question, max_tokens=self.params.max_tokens,
+                                                                      params=self.params)
+        answer = result.answer or ""
+        await emit(TextDelta(answer))
+        return answer, [], [{"role": "assistant", "content": t} for t in result.texts], result.steps
 
     async def _structure(self, prompt: str, answer: str) -> T:
         """Decode the final value under output_type's JSON schema."""

@@ -30,12 +30,12 @@ def _sampling(args: argparse.Namespace):
                           top_k=args.top_k, seed=args.seed, stop=args.stop or [])
 
 
-def _stream_to_stdout(engine, prompt_ids, params) -> None:
-    done = None
+def _stream_to_stdout(engine, prompt_ids, params, constraint=None) -> str:
     import queue
 
+    done = None
     events: queue.SimpleQueue = queue.SimpleQueue()
-    engine.submit(prompt_ids, params, emit=events.put)
+    engine.submit(prompt_ids, params, constraint, emit=events.put)
     while done is None:
         out = events.get()
         if out.error is not None:
@@ -51,6 +51,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from agentrt.engine import Engine
 
     params = _sampling(args)  # bad values fail before the model loads
+    constraint = _constraint(args)
     with _console().status(f"loading {args.model}"):
         engine = Engine.load(args.model, device=args.device)
     with engine:
@@ -59,9 +60,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             ids = engine.chat_prompt(messages + [{"role": "user", "content": args.prompt}])
-        reason = _stream_to_stdout(engine, ids, params)
+        matcher = None
+        if constraint is not None:
+            from agentrt.grammar import GrammarCompiler, Matcher
+
+            compiled = GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size).compile(constraint)
+            for warning in compiled.warnings:
+                _console().print(f"[yellow]warning:[/] {warning}")
+            matcher = Matcher(compiled, stop_token_ids=sorted(engine.eos_token_ids))
+        reason = _stream_to_stdout(engine, ids, params, matcher)
         logging.getLogger("agentrt").info("finish_reason=%s", reason)
+        if reason == "length" and matcher is not None and not matcher.is_terminated():
+            _console().print("[yellow]output incomplete:[/] max_tokens ended it before the grammar allowed")
+            return 3
     return 0
+
+
+def _constraint(args: argparse.Namespace):
+    """The grammar asked for on the command line, or None (files are read before the model loads)."""
+    from pathlib import Path
+
+    from agentrt.errors import InvalidRequestError
+
+    chosen = [f for f in ("json_schema", "regex", "grammar") if getattr(args, f)]
+    if len(chosen) > 1:
+        raise InvalidRequestError("use one of --json-schema, --regex, --grammar", param=chosen[1])
+    if not chosen:
+        return None
+    from agentrt import grammar
+
+    if args.regex:
+        return grammar.Regex(args.regex)
+    path = Path(args.json_schema or args.grammar)
+    if not path.is_file():
+        raise InvalidRequestError(f"{path} is not a file", param=chosen[0])
+    if args.json_schema:
+        import json
+
+        try:
+            return grammar.JsonSchema(json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(f"{path} is not JSON: {exc}", param="json_schema") from exc
+    if path.suffix == ".lark":
+        return grammar.Lark(path.read_text())
+    return grammar.Ebnf(path.read_text())
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -146,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--system", default=None, help="system message")
     g.add_argument("--raw", action="store_true", help="no chat template: complete PROMPT as plain text")
+    g.add_argument("--json-schema", metavar="FILE", help="constrain the output to this JSON schema")
+    g.add_argument("--regex", metavar="R", help="constrain the output to this regular expression")
+    g.add_argument("--grammar", metavar="FILE", help="constrain the output to a grammar (.lark or .ebnf)")
     g.set_defaults(fn=cmd_generate)
 
     pl = sub.add_parser("pull", help="fetch and prepare a model ahead of time")

@@ -64,7 +64,7 @@ def test_timeout_is_a_clear_error(tiny_engine):
 
 
 @pytest.mark.parametrize("kwargs,param", [({"mode": "bogus"}, "mode"), ({"mode": "thread"}, "mode"),
-                                          ({"tool_choice": "never"}, "tool_choice")])
+                                          ({"tool_choice": "never"}, "tool_choice"), ({"workers": 0}, "workers")])
 def test_bad_options_are_rejected(kwargs, param):
     with pytest.raises(InvalidRequestError) as err:
         agentrt.Agent("tiny-random", **kwargs)
@@ -117,3 +117,11 @@ def test_remote_backend_talks_to_an_openai_compatible_server(tiny_engine):
         anyio.run(agent.aclose)
     finally:
         live.stop()
+
+
+def test_hogwild_mode_runs_workers_over_the_shared_cache(tiny_engine):
+    agent = agentrt.Agent(LocalBackend(tiny_engine), mode="hogwild", workers=3, max_tokens=24, temperature=1.0)
+    result = agent.run_sync("count to ten")
+    assert result.mode == "hogwild" and len(result.messages) == 3  # one transcript per worker
+    assert result.steps >= 1 and isinstance(result.output, str)
+    assert tiny_engine.pool.num_in_use == 0

@@ -36,3 +36,31 @@ def test_invalid_sampling_value_names_the_parameter():
 def test_pull_prepares_a_model():
     proc = agentrt("pull", "tiny-random")
     assert proc.returncode == 0 and "ready" in proc.stderr
+
+
+def test_generate_under_a_json_schema_prints_only_valid_json(tmp_path):
+    import json
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"]}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    proc = agentrt("generate", "--model", "tiny-random", "--max-tokens", "20", "--temperature", "1", "--seed", "3",
+                   "--json-schema", str(tmp_path / "s.json"), "give me n")
+    assert proc.returncode == 0, proc.stderr
+    assert 0 <= json.loads(proc.stdout)["n"] <= 9
+
+
+def test_generate_under_a_regex_and_a_lark_grammar(tmp_path):
+    proc = agentrt("generate", "--model", "tiny-random", "--max-tokens", "10", "--regex", "(yes|no)", "ok?")
+    assert proc.returncode == 0 and proc.stdout.strip() in ("yes", "no")
+    (tmp_path / "g.lark").write_text('start: "a" "b"? "c"\n')
+    proc = agentrt("generate", "--model", "tiny-random", "--max-tokens", "10", "--grammar", str(tmp_path / "g.lark"),
+                   "x")
+    assert proc.returncode == 0 and proc.stdout.strip() in ("ac", "abc"), proc.stderr
+
+
+def test_two_constraints_or_a_missing_file_are_clear_errors(tmp_path):
+    proc = agentrt("generate", "--model", "tiny-random", "--regex", "a", "--grammar", "x.ebnf", "hi")
+    assert proc.returncode == 1 and "one of" in proc.stderr
+    proc = agentrt("generate", "--model", "tiny-random", "--json-schema", str(tmp_path / "nope.json"), "hi")
+    assert proc.returncode == 1 and "not a file" in proc.stderr
