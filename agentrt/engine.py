@@ -104,6 +104,7 @@ class Engine:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = eos
         self._ids = itertools.count(1)
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # async consumers' Outputs of this step
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
@@ -191,8 +192,7 @@ class Engine:
         """Async iterator of Outputs; leaving it early (break, cancellation) cancels the request."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Output] = asyncio.Queue()
-        rid = self.submit(prompt, params, constraint,
-                          emit=lambda o: loop.call_soon_threadsafe(events.put_nowait, o))
+        rid = self.submit(prompt, params, constraint, emit=_LoopQueue(loop, events))
         finished = False
         try:
             while True:
@@ -268,6 +268,7 @@ class Engine:
                     cmd = self._commands.get_nowait()
                 except queue.Empty:
                     cmd = None
+            self._flush()
             if self._closed:
                 for req in [*self._running, *self._waiting]:
                     self._finish(req, "cancelled", error=EngineClosedError("the engine was closed"))
@@ -279,6 +280,21 @@ class Engine:
                     log.exception("engine step failed")
                     for req in list(self._running):
                         self._finish(req, "cancelled", error=EngineError(f"engine step failed: {exc}"))
+                self._flush()
+
+    def _flush(self) -> None:
+        """Deliver the step's Outputs for async consumers: one wake-up per event loop, not per token
+        (with many streams, per-token wake-ups steal the cores the forward runs on)."""
+        while self._outbox:
+            loop, items = self._outbox.popitem()
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed: its consumers are gone
+                for req, _, _ in items:
+                    if not req.done:
+                        log.warning("request %d: its consumer is gone; cancelling it", req.id)
+                        req.emit = _drop
+                        self._finish(req, "cancelled")
 
     def _cancel(self, request_id: int) -> None:
         for req in [*self._running, *self._waiting]:
@@ -287,6 +303,9 @@ class Engine:
 
     def _emit(self, req: _Request, out: Output) -> None:
         """Hand an Output to the caller; a caller that is gone (closed event loop) loses its request."""
+        if isinstance(req.emit, _LoopQueue):
+            self._outbox.setdefault(req.emit.loop, []).append((req, req.emit.queue, out))
+            return
         try:
             req.emit(out)
         except Exception:
@@ -499,6 +518,22 @@ def feed_sequence(model: Transformer, pool: KVPool, seq: KVSequence, tokens: lis
 
 def _drop(_: Output) -> None:
     pass
+
+
+@dataclass(frozen=True)
+class _LoopQueue:
+    """`emit` of an async consumer: Outputs go to `queue` on `loop`, batched per engine step."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def __call__(self, out: Output) -> None:  # direct use outside the engine loop
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+
+
+def _deliver(items: list) -> None:
+    for _, q, out in items:
+        q.put_nowait(out)
 
 
 def _fill_masks(constrained: list[tuple[int, TokenConstraint]], bitmask: torch.Tensor, record: list[float]) -> None:

@@ -27,26 +27,31 @@ def _prompts(engine, batch: int) -> list[list[int]]:
 
 
 def ours_decode(engine, prompts: list[list[int]], tokens: int) -> float:
-    """ms per decode step over all rows: from the first token of the last row to the last token."""
+    """ms per decode step with every row decoding: engine steps counted between the moment the last
+    row got its first token (all prefills done) and the first row's finish."""
     from agentrt.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    started: list[int] = []
+    marks: dict[str, tuple[float, int]] = {}
 
     async def one(p):
-        stamps = []
+        first = True
         async for out in engine.stream(p, params):
-            if out.token_ids:
-                stamps.append(time.perf_counter())
-        return stamps
+            if out.token_ids and first:
+                first = False
+                started.append(1)
+                if len(started) == len(prompts):
+                    marks["start"] = (time.perf_counter(), engine.steps)
+            if out.finish_reason and "end" not in marks:
+                marks["end"] = (time.perf_counter(), engine.steps)
 
     async def run():
-        return await asyncio.gather(*(one(p) for p in prompts))
+        await asyncio.gather(*(one(p) for p in prompts))
 
-    stamps = asyncio.run(run())
-    start = max(s[0] for s in stamps)
-    end = max(s[-1] for s in stamps)
-    steps = tokens - 1 - max(s.index(next(x for x in s if x >= start)) for s in stamps)
-    return (end - start) / max(steps, 1) * 1000
+    asyncio.run(run())
+    (t0, s0), (t1, s1) = marks["start"], marks["end"]
+    return (t1 - t0) / max(s1 - s0, 1) * 1000
 
 
 def ours_prefill(engine, prompt: list[int], repeats: int) -> float:
