@@ -23,7 +23,9 @@ EXAMPLES = """Question: How many people live in Madrid and Vienna together?
 2. population({"city": "Vienna"})
 3. calculator({"expression": "$1 + $2"})
 4. join()"""
-LOOKUP_SECONDS = 3.0  # each lookup stands for a call to a slow service
+LOOKUP_SECONDS = 3.0
+# bounded thoughts and answers: a 135M model must still reach Finish(...) within max_tokens
+DEMO_LIMITS_KW = dict(max_tasks=6, max_thought_chars=60, max_answer_chars=120)  # each lookup stands for a call to a slow service
 
 
 def _knowledge() -> dict:
@@ -95,13 +97,14 @@ async def run_demo(engine, console, *, max_tokens: int = 160) -> dict:
             plan_text.append(chunk)
             yield chunk
 
+    DEMO_LIMITS = planner.GrammarLimits(**DEMO_LIMITS_KW)
     state = planner.ExecutionState()
     started = time.perf_counter()
     result: list = []
 
     async def go() -> None:
         result.append(await planner.run_plan(QUESTION, llm, tools, examples=EXAMPLES, state=state, max_replans=0,
-                                             limits=planner.GrammarLimits(max_tasks=6)))
+                                             limits=DEMO_LIMITS))
 
     with Live(_view("", state, started), console=console, refresh_per_second=8) as live:
         async with anyio.create_task_group() as tg:
