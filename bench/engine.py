@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
 
 import torch
+
+from bench.common import report
 
 PROMPT = ("You are a careful assistant. Read the question, think about which tools you would need, "
           "and answer briefly. Question: which three cities have hosted the Summer Olympics more than once, "
@@ -176,11 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     result = run(args.model, args.tokens, args.batch, args.repeats, args.device)
-    print_table(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+    return report(result, print_table, args.json)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from bench.common import report
+
 SCHEMA = {"type": "object", "properties": {
     "fruits": {"type": "array", "items": {"type": "object", "properties": {
         "name": {"type": "string"}, "colour": {"type": "string"}, "sweet": {"type": "boolean"}},
@@ -140,11 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     result = run(args.model, args.tokens, args.batch, args.repeats)
-    print_table(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+    return report(result, print_table, args.json)
 
 
 if __name__ == "__main__":

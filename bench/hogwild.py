@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 
 import torch
+
+from bench.common import report
 
 TASK = ("Plan a three-day trip to Rome for a family of four on a budget: list the sights for each day, "
         "where to eat, how to get around, and estimate the total cost.")
@@ -110,11 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     result = run(args.model, args.tokens, args.workers, args.repeats, args.device)
-    print_table(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0
+    return report(result, print_table, args.json)
 
 
 if __name__ == "__main__":
