@@ -97,8 +97,9 @@ class AgentRunRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input: str = Field(min_length=1)
-    mode: str = "plan"  # plan | dta | react
+    mode: str = "plan"  # plan | dta | react | hogwild
     max_replans: int = Field(2, ge=0, le=10)
+    workers: int = Field(4, ge=1, le=16)  # hogwild only
     max_tokens: int = Field(512, ge=1)
     temperature: float = 0.0
 
@@ -189,11 +190,14 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
     async def agent_runs(body: AgentRunRequest) -> Response:
         from agentrt.tools import ToolRegistry
 
+        if body.mode not in ("plan", "dta", "react", "hogwild"):
+            raise InvalidRequestError(f"mode {body.mode!r} is not one of plan, dta, react, hogwild", param="mode")
+        params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature)
+        if body.mode == "hogwild":
+            return StreamingResponse(_hogwild_events(engine, body, params), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
         if not tools:
             raise InvalidRequestError("no tools are registered on this server", param="tools")
-        if body.mode not in ("plan", "dta", "react"):
-            raise InvalidRequestError(f"mode {body.mode!r} is not one of plan, dta, react", param="mode")
-        params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature)
         return StreamingResponse(_agent_events(backend, ToolRegistry(tools), body, params),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -238,6 +242,21 @@ async def _agent_events(backend, registry, body: AgentRunRequest, params: Sampli
         tg.start_soon(run)
         async for event in receive:
             yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def _hogwild_events(engine, body: AgentRunRequest, params: SamplingParams):
+    """SSE events of a Hogwild! run: one `final` event with the answer and each worker's text."""
+    from agentrt.hogwild import HogwildPool
+
+    try:
+        result = await HogwildPool(engine, workers=body.workers).run(body.input, max_tokens=body.max_tokens,
+                                                                      params=params)
+        event = {"type": "final", "answer": result.answer, "workers": result.texts, "steps": result.steps,
+                 "generated_tokens": result.generated_tokens, "finish_reason": result.finish_reason}
+    except AgentrtError as exc:
+        event = {"type": "error", "error": json.loads(_error_for(exc).body)["error"]}
+    yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
     yield "data: [DONE]\n\n"
 
 

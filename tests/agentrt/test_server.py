@@ -308,3 +308,12 @@ def test_agent_run_on_smollm2_runs_a_real_tool(smol_engine):
     ids = {e["id"] for e in events if e["type"] == "task"}
     assert {e["id"] for e in ends} <= ids
     assert events[-1]["type"] == "final" and events[-1]["tasks"] == len(ids)
+
+
+def test_agent_run_in_hogwild_mode(tiny_engine):
+    app = create_app(tiny_engine, model_names=["tiny-random"])
+    status, events = _events(app, {"input": "count", "mode": "hogwild", "workers": 3, "max_tokens": 24,
+                                   "temperature": 1.0})
+    assert status == 200 and events[-1]["type"] == "final"
+    assert len(events[-1]["workers"]) == 3 and events[-1]["generated_tokens"] <= 24
+    assert tiny_engine.pool.num_in_use == 0
