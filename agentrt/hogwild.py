@@ -104,6 +104,7 @@ class ViewRecord:
     slots: torch.Tensor  # [T] pool slot of each
     stored_positions: torch.Tensor  # [T] position each key was rotated at when written
     logits: torch.Tensor  # [V] next-token logits of the view
+    keys: torch.Tensor  # [L, T, KV, D] the keys as attended (finished steps move later, see _join)
 
 
 @dataclass(eq=False)
@@ -358,6 +359,13 @@ class HogwildPool:
         return self._running
 
     def _join(self, w: _Worker) -> None:
+        # Re-rotate the finished step once to where it now sits in every view (the history comes
+        # first in all of them), so later forwards need not re-rotate it per view and layer.
+        offset = sum(len(b.ids) for b in self._common)
+        seq = w.block.seq
+        if seq.length and seq.positions[0] != offset:
+            self.pool.reposition(seq, 0, seq.length, offset - seq.positions[0], self.engine.model.rotary)
+            w.block._keys = None
         self._common.append(w.block)
         w.block, w.ending, w.step = self._new_block(), False, w.step + 1
         prefix = ""
@@ -485,12 +493,15 @@ class HogwildPool:
                 g_mask[i, 0] = torch.arange(tmax)[None, :] < torch.arange(t - q + 1, t + 1)[:, None]  # causal
             g_rows = torch.tensor(first)[members][:, None] + torch.arange(q)  # [b, q]
             moved = g_delta.to(dev) if bool(g_delta.any()) else None  # None: every key where it was written
-            groups.append(AttentionGroup(g_rows.to(dev), g_slots.to(dev), g_mask.to(dev), moved))
+            # the history is re-positioned as it joins (see _join): its keys need no rotation per view
+            still = int((g_delta != 0).int().argmax(dim=1)[g_delta.any(dim=1)].min()) if moved is not None else 0
+            groups.append(AttentionGroup(g_rows.to(dev), g_slots.to(dev), g_mask.to(dev), moved, still))
         last = [f + q - 1 for f, q in zip(first, qs)]
         batch = BatchInput(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
                            torch.cat(writes).to(dev), groups, torch.tensor(last, device=dev))
         logits = self.engine.model(batch, pool.k, pool.v)  # [R, V]
         if self.trace:
-            self.views = [ViewRecord(label, [x for b in (*ctx, own) for x in b.ids], s, p, logits[r].clone())
+            self.views = [ViewRecord(label, [x for b in (*ctx, own) for x in b.ids], s, p, logits[r].clone(),
+                                     pool.k[:, s].clone())
                           for r, ((label, ctx, own, _), s, p) in enumerate(zip(rows, slots, stored))]
         return logits

@@ -108,9 +108,13 @@ class Rotary(nn.Module):
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
     def rotate_by(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Re-rotate already-rotated keys by `delta` positions: R(p + delta) = R(delta) R(p)."""
-        cos, sin = self.cos_sin(delta, scaled=False)
-        return self.apply(x, cos, sin)
+        """Re-rotate already-rotated keys by `delta` positions: R(p + delta) = R(delta) R(p).
+
+        Computed in float64: a cached key may be moved many times (pruning, hogwild joins) and
+        each move should add no error of its own."""
+        freqs = delta.to(torch.float64)[..., None] * self.inv_freq.to(torch.float64)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return self.apply(x.to(torch.float64), emb.cos(), emb.sin()).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -139,6 +143,7 @@ class AttentionGroup:
     slots: torch.Tensor | None  # [b, T] long, None when only fresh keys are attended
     mask: torch.Tensor | None
     key_delta: torch.Tensor | None = None
+    delta_from: int = 0  # key_delta is zero before this key index in every row: those keys stay as stored
 
 
 @dataclass
@@ -184,7 +189,8 @@ class Attention(nn.Module):
             kg = k_pool.index_select(0, g.slots.reshape(-1)).view(b, t, kv, d)
             vg = v_pool.index_select(0, g.slots.reshape(-1)).view(b, t, kv, d)
             if rot is not None:  # place the gathered keys at this view's positions
-                kg = Rotary.apply(kg, *rot)
+                f = g.delta_from
+                kg[:, f:] = Rotary.apply(kg[:, f:], *rot)
             # grouped queries: the `rep` query heads of one KV head attend as extra rows, no K/V copies
             qg = q.index_select(0, rows).view(b, nq, kv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, kv, rep * nq, d)
             o = F.scaled_dot_product_attention(qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=mask)
@@ -229,7 +235,7 @@ class Transformer(nn.Module):
         cos, sin = self.rotary.cos_sin(batch.positions)  # [N, D]
         masks = [self._additive_mask(g, x.dtype) for g in batch.groups]
         # cos/sin re-rotating gathered keys by key_delta: once per forward, not per layer
-        key_rot = [None if g.key_delta is None else self.rotary.cos_sin(g.key_delta, scaled=False)
+        key_rot = [None if g.key_delta is None else self.rotary.cos_sin(g.key_delta[:, g.delta_from:], scaled=False)
                    for g in batch.groups]
         for i, layer in enumerate(self.layers):
             x = x + layer.attn(layer.attn_norm(x), cos, sin, batch, masks, key_rot, k_pools[i], v_pools[i])

@@ -41,7 +41,7 @@ def dense_copy_logits(model, pool: KVPool, view: ViewRecord) -> torch.Tensor:
     ref = _ref_pool(model, n + 1)
     seq = KVSequence()
     dst, src = ref.append(seq, n), view.slots[:n]
-    ref.k[:, dst] = model.rotary.rotate_by(pool.k[:, src], torch.arange(n) - view.stored_positions[:n])
+    ref.k[:, dst] = model.rotary.rotate_by(view.keys[:, :n], torch.arange(n) - view.stored_positions[:n])
     ref.v[:, dst] = pool.v[:, src]
     return feed_sequence(model, ref, seq, [view.token_ids[-1]], positions=[n])[-1]
 
