@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from agentrt.tools._calculator import calculator
 from agentrt.tools._http import http_get, make_http_get
-from agentrt.tools._rag import ScoredTool, ToolIndex
+from agentrt.tools._rag import Embedder, ScoredTool, ToolIndex, sentence_embedder
 from agentrt.tools._registry import ToolRegistry
 from agentrt.tools._tool import Tool, ToolContext, ToolResult, format_validation_error, to_result, tool
 from agentrt.tools._workspace import workspace_tools
@@ -21,6 +21,8 @@ __all__ = [
     "ToolRegistry",
     "ToolIndex",
     "ScoredTool",
+    "Embedder",
+    "sentence_embedder",
     "calculator",
     "http_get",
     "make_http_get",

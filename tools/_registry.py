@@ -58,8 +58,13 @@ class ToolRegistry:
     def specs(self) -> list[dict[str, Any]]:
         return [t.spec() for t in self]
 
-    def select(self, query: str, k: int = 5, min_score: float = 0.1) -> ToolRegistry:
-        """A registry holding only the (at most k) tools BM25 finds relevant to `query`."""
-        if self._index is None:
-            self._index = ToolIndex(self._tools.values())
-        return ToolRegistry(st.tool for st in self._index.search(query, k=k, min_score=min_score))
+    def select(self, query: str, k: int = 5, min_score: float = 0.1, *, embed=None) -> ToolRegistry:
+        """A registry holding only the (at most k) tools relevant to `query`: BM25, or with `embed`
+        (an `Embedder`, see `sentence_embedder`) cosine similarity above `min_score`."""
+        if embed is not None:
+            index = ToolIndex(self._tools.values(), embed=embed)
+        else:
+            if self._index is None:
+                self._index = ToolIndex(self._tools.values())
+            index = self._index
+        return ToolRegistry(st.tool for st in index.search(query, k=k, min_score=min_score))
