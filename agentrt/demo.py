@@ -15,7 +15,7 @@ import anyio
 
 from agentrt.tools import Tool, calculator, tool
 
-__all__ = ["QUESTION", "demo_tools", "run_demo"]
+__all__ = ["QUESTION", "demo_tools", "plan_view", "run_demo"]
 
 QUESTION = "How many people live in Paris, Rome and Berlin together?"
 EXAMPLES = """Question: How many people live in Madrid and Vienna together?
@@ -51,7 +51,8 @@ def demo_tools(latency: float = LOOKUP_SECONDS) -> list[Tool]:
     return [population, calculator]
 
 
-def _view(plan_text: str, state, started: float):
+def plan_view(plan_text: str, state, started: float):
+    """A plan being decoded and its tasks (status, start, duration): shared with `agentrt chat`."""
     from rich.console import Group
     from rich.panel import Panel
     from rich.spinner import Spinner
@@ -106,13 +107,13 @@ async def run_demo(engine, console, *, max_tokens: int = 160) -> dict:
         result.append(await planner.run_plan(QUESTION, llm, tools, examples=EXAMPLES, state=state, max_replans=0,
                                              limits=DEMO_LIMITS))
 
-    with Live(_view("", state, started), console=console, refresh_per_second=8) as live:
+    with Live(plan_view("", state, started), console=console, refresh_per_second=8) as live:
         async with anyio.create_task_group() as tg:
             tg.start_soon(go)
             while not result:
-                live.update(_view("".join(plan_text), state, started))
+                live.update(plan_view("".join(plan_text), state, started))
                 await anyio.sleep(0.125)
-        live.update(_view(result[0].outputs[0] if result[0].outputs else "", state, started))
+        live.update(plan_view(result[0].outputs[0] if result[0].outputs else "", state, started))
     total = time.perf_counter() - started
     run = result[0]
     tools_parallel = state.trace.makespan()

@@ -26,7 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from agentrt.agent import Agent, Final, TextDelta, ToolEnd, ToolStart
-from agentrt.demo import _view as plan_view
+from agentrt.demo import plan_view
 from agentrt.errors import AgentrtError, InvalidRequestError
 from agentrt.planner import ExecutionState, Executor, Trace
 from agentrt.tools import Tool, ToolRegistry, ToolResult, calculator, workspace_tools
