@@ -225,10 +225,9 @@ def build_prompt(tokenizer, messages: list[dict], options: ChatOptions) -> list[
                 out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + instructions}
             else:
                 out.insert(0, {"role": "system", "content": instructions})
-    ids = tokenizer.apply_chat_template(out, add_generation_prompt=True, tokenize=True, return_dict=False, **kwargs)
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return list(ids)
+    from agentrt.engine import template_ids
+
+    return template_ids(tokenizer, out, **kwargs)
 
 
 def chat_constraint(options: ChatOptions, **schema_options: Any):

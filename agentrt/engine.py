@@ -133,11 +133,7 @@ class Engine:
     # --- prompts ----------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict], **template_kwargs) -> list[int]:
         """Token ids of `messages` under the model's chat template, ready for the assistant's turn."""
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=False, **template_kwargs)
-        if isinstance(out, dict) or hasattr(out, "input_ids"):
-            out = out["input_ids"]
-        return list(out)
+        return template_ids(self.tokenizer, messages, **template_kwargs)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -448,8 +444,7 @@ class Engine:
             input_ids=torch.tensor(ids, device=dev),
             positions=torch.tensor(positions, device=dev),
             write_slots=torch.cat(slots).to(dev),
-            groups=[AttentionGroup(g.rows.to(dev), None if g.slots is None else g.slots.to(dev),
-                                   None if g.mask is None else g.mask.to(dev)) for g in groups],
+            groups=[g.to(dev) for g in groups],
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev),
         )
 
@@ -489,6 +484,15 @@ class Engine:
         return accepted
 
 
+def template_ids(tokenizer, messages: list[dict], **template_kwargs) -> list[int]:
+    """Token ids of `messages` under `tokenizer`'s chat template, ready for the assistant's turn."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False,
+                                        **template_kwargs)
+    if isinstance(out, dict) or hasattr(out, "input_ids"):  # some tokenizers return a BatchEncoding anyway
+        out = out["input_ids"]
+    return list(out)
+
+
 def chunk_group(pool: KVPool, seq: KVSequence, row: int, n: int) -> AttentionGroup:
     """Attention for the last `n` tokens of `seq` (already appended), fed at batch rows row..row+n-1."""
     total, start = seq.length, seq.length - n
@@ -508,9 +512,7 @@ def feed_sequence(model: Transformer, pool: KVPool, seq: KVSequence, tokens: lis
     n = len(tokens)
     slots = pool.append(seq, n, positions)
     dev = pool.k.device
-    g = chunk_group(pool, seq, 0, n)
-    g = AttentionGroup(g.rows.to(dev), None if g.slots is None else g.slots.to(dev),
-                       None if g.mask is None else g.mask.to(dev))
+    g = chunk_group(pool, seq, 0, n).to(dev)
     batch = BatchInput(torch.tensor(tokens, device=dev), torch.tensor(seq.positions[-n:], device=dev),
                        slots.to(dev), [g], torch.arange(n, device=dev))
     return model(batch, pool.k, pool.v)

@@ -145,6 +145,13 @@ class AttentionGroup:
     key_delta: torch.Tensor | None = None
     delta_from: int = 0  # key_delta is zero before this key index in every row: those keys stay as stored
 
+    def to(self, device: torch.device | str) -> AttentionGroup:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return AttentionGroup(self.rows.to(device), move(self.slots), move(self.mask), move(self.key_delta),
+                              self.delta_from)
+
 
 @dataclass
 class BatchInput:
