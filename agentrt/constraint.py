@@ -37,6 +37,7 @@ def bitmask_width(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def allocate_bitmask(batch: int, vocab_size: int) -> torch.Tensor:
-    # all bits set = every token allowed; pinned on CUDA hosts so the copy to the device is async
-    return torch.full((batch, bitmask_width(vocab_size)), -1, dtype=torch.int32)
+def allocate_bitmask(batch: int, vocab_size: int, pin_memory: bool = False) -> torch.Tensor:
+    """[batch, ceil(V / 32)] int32, all bits set (every token allowed). Pinned, its copy to a GPU is
+    async; pinning is slow, so keep a pinned one and reuse it (the engine does)."""
+    return torch.full((batch, bitmask_width(vocab_size)), -1, dtype=torch.int32, pin_memory=pin_memory)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from agentrt.constraint import TokenConstraint, allocate_bitmask
+from agentrt.control import SequenceController, SequenceHandle
 from agentrt.errors import (ContextLengthError, EngineClosedError, EngineError, InvalidRequestError,
                             KVCacheError)
 from agentrt.kv import KVPool, KVSequence, OutOfPagesError
@@ -72,6 +73,22 @@ class _Request:
     pending: list[int] = field(default_factory=list)  # tokens to feed next
     output_ids: list[int] = field(default_factory=list)
     done: bool = False
+    control: SequenceController | None = None  # sees every accepted token; may pause, inject, prune
+    paused: bool = False  # keeps its pages but is not scheduled (a tool is running)
+    removed: list[tuple[int, int]] = field(default_factory=list)  # pruned output spans [a, b), sorted
+
+    @property
+    def context_length(self) -> int:
+        """Tokens the sequence attends over: the prompt and the output less its pruned spans."""
+        return len(self.prompt_ids) + len(self.output_ids) - sum(b - a for a, b in self.removed)
+
+    def kept_ids(self) -> list[int]:
+        """The prompt and the output less its pruned spans: what a (re-)admission prefills."""
+        out, pos = list(self.prompt_ids), 0
+        for a, b in self.removed:
+            out += self.output_ids[pos:a]
+            pos = b
+        return out + self.output_ids[pos:]
 
 
 @dataclass
@@ -84,7 +101,8 @@ class _Work:
 class Engine:
     def __init__(self, model: Transformer, tokenizer, *, eos_token_ids: list[int] | None = None,
                  kv_tokens: int = 32768, page_size: int = 16, max_batch_tokens: int = 512,
-                 max_batch_size: int = 32, name: str = "", mask_overlap: bool = True) -> None:
+                 max_batch_size: int = 32, name: str = "", mask_overlap: bool = True,
+                 cuda_graphs: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -113,6 +131,18 @@ class Engine:
         self._lock = threading.Lock()
         self._closed = False
         self.steps = 0
+        # decode steps replay CUDA graphs of the fused step (default: on CUDA when Triton is there)
+        if cuda_graphs is None:
+            from agentrt.kernels import triton_ready
+
+            cuda_graphs = triton_ready(self.device) and _graphable(cfg)
+        self._masks: torch.Tensor | None = None  # grammar bitmasks, reused step to step
+        self._graphs = self._view_graphs = None
+        if cuda_graphs:
+            from agentrt.cuda_graphs import DecodeGraphs
+
+            # every step the scheduler builds (decodes, jump-forward and prefill chunks) replays a graph
+            self._graphs = DecodeGraphs(model, self.pool, max_batch_tokens, max_batch_size, self.max_context)
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -145,8 +175,12 @@ class Engine:
 
     # --- public API (any thread) -------------------------------------------------------------
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
-               constraint: TokenConstraint | None = None, *, emit: Callable[[Output], None]) -> int:
-        """Queue a request; `emit` is called on the engine thread with each Output. Returns its id."""
+               constraint: TokenConstraint | None = None, *, emit: Callable[[Output], None],
+               control: SequenceController | None = None) -> int:
+        """Queue a request; `emit` is called on the engine thread with each Output. Returns its id.
+
+        `control` (thread mode) sees each accepted token on the engine thread and may pause the sequence,
+        write tokens into it and prune its KV cache (see agentrt.control)."""
         params = params or SamplingParams()
         params.validate()
         ids = self.encode(prompt)
@@ -159,7 +193,7 @@ class Engine:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         req = _Request(next(self._ids), ids, params, constraint, emit, stop_ids, Detokenizer(self.tokenizer),
-                       StopChecker(params.stop), gen)
+                       StopChecker(params.stop), gen, control=control)
         self._send(lambda: self._waiting.append(req))
         return req.id
 
@@ -184,11 +218,12 @@ class Engine:
         return fut
 
     async def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
-                     constraint: TokenConstraint | None = None) -> AsyncIterator[Output]:
+                     constraint: TokenConstraint | None = None, *, control: SequenceController | None = None
+                     ) -> AsyncIterator[Output]:
         """Async iterator of Outputs; leaving it early (break, cancellation) cancels the request."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Output] = asyncio.Queue()
-        rid = self.submit(prompt, params, constraint, emit=_LoopQueue(loop, events))
+        rid = self.submit(prompt, params, constraint, emit=_LoopQueue(loop, events), control=control)
         finished = False
         try:
             while True:
@@ -239,6 +274,21 @@ class Engine:
         self.close()
 
     @property
+    def cuda_graphs(self) -> bool:
+        """Whether steps replay captured CUDA graphs of the fused step (off CUDA: never)."""
+        return self._graphs is not None
+
+    def view_graphs(self):
+        """The fused step for hogwild views (slot tables and key deltas), shared by every pool on this
+        engine so graphs are captured once: at most 64 new tokens and 67 rows (64 workers and 3 headers)."""
+        if self._view_graphs is None:
+            from agentrt.cuda_graphs import DecodeGraphs
+
+            self._view_graphs = DecodeGraphs(self.model, self.pool, max_tokens=64, max_rows=67,
+                                             max_context=self.max_context, views=True)
+        return self._view_graphs
+
+    @property
     def num_active(self) -> int:
         return len(self._running) + len(self._waiting)
 
@@ -254,10 +304,7 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            try:
-                cmd = self._commands.get(block=not (self._running or self._waiting) and not self._closed)
-            except queue.Empty:
-                cmd = None
+            cmd = self._next_command()
             while cmd is not None:
                 cmd()
                 try:
@@ -277,6 +324,19 @@ class Engine:
                     for req in list(self._running):
                         self._finish(req, "cancelled", error=EngineError(f"engine step failed: {exc}"))
                 self._flush()
+
+    def _can_step(self) -> bool:
+        return any(not r.paused for r in self._running) or bool(self._waiting and not self._running)
+
+    def _next_command(self) -> Callable[[], None] | None:
+        """The next command, without waiting while a sequence can step; blocks while every sequence is
+        paused (a tool runs), polling briefly when requests wait that may fit once one ends."""
+        try:
+            if self._closed or self._can_step():
+                return self._commands.get_nowait()
+            return self._commands.get(timeout=0.01 if self._waiting else None)
+        except queue.Empty:
+            return None
 
     def _flush(self) -> None:
         """Deliver the step's Outputs for async consumers: one wake-up per event loop, not per token
@@ -328,7 +388,7 @@ class Engine:
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_batch_size:
             req = self._waiting[0]
-            tokens = req.prompt_ids + req.output_ids  # output_ids is non-empty after a preemption
+            tokens = req.kept_ids()  # output tokens too after a preemption (less pruned spans)
             seq = self.pool.match_prefix(tokens)
             if self.pool.pages_needed(seq, len(tokens) - seq.length) > self.pool.num_free:
                 self.pool.free(seq)
@@ -358,11 +418,11 @@ class Engine:
         budget, work = self.max_batch_tokens, []
         for req in sorted(self._running, key=lambda r: len(r.pending)):  # decodes first
             n = min(len(req.pending), budget)
-            if n == 0 or req.seq is None:  # out of budget, or preempted a moment ago
+            if n == 0 or req.seq is None or req.paused:  # out of budget, preempted a moment ago, or paused
                 continue
             while True:
                 try:
-                    self.pool.append(req.seq, n)
+                    self.pool.reserve(req.seq, n)
                     break
                 except OutOfPagesError:
                     if not self._preempt(keep=req):
@@ -382,16 +442,15 @@ class Engine:
             return
         if not work:
             return
-        batch = self._build_batch(work)
         sampling = [w for w in work if w.samples]
         constrained = [(i, w.req.constraint) for i, w in enumerate(sampling) if w.req.constraint is not None]
         bitmask = masks_done = None
         if constrained:
-            bitmask = allocate_bitmask(len(sampling), self.vocab_size)
+            bitmask = self._bitmask(len(sampling))
             masks_done = self._mask_pool.submit(_fill_masks, constrained, bitmask, self.mask_seconds)
             if not self.mask_overlap:
                 masks_done.result()
-        logits = self.model(batch, self.pool.k, self.pool.v)  # [M, V]
+        logits = self._forward(work)  # [M, V]
         if masks_done is not None:
             masks_done.result()
             import xgrammar
@@ -411,6 +470,22 @@ class Engine:
             except Exception as exc:  # a faulty constraint fails its own request only
                 log.exception("request %d failed", w.req.id)
                 self._finish(w.req, "cancelled", error=EngineError(f"request failed: {exc}"))
+
+    def _bitmask(self, rows: int) -> torch.Tensor:
+        """This step's token masks: [rows, ceil(V / 32)] int32, all allowed; one reused (pinned) buffer."""
+        if self._masks is None or self._masks.shape[0] < rows:
+            self._masks = allocate_bitmask(max(rows, self.max_batch_size), self.vocab_size,
+                                           pin_memory=self.device.type == "cuda")
+        return self._masks[:rows].fill_(-1)
+
+    def _forward(self, work: list[_Work]) -> torch.Tensor:
+        """Logits for the step's sampling rows, from a replayed CUDA graph where there is one."""
+        graphs = self._graphs
+        if graphs is not None and graphs.fits(sum(w.n for w in work), sum(w.samples for w in work),
+                                              max(w.req.seq.length for w in work)):
+            return graphs.run([(w.req.seq, w.req.pending[:w.n]) for w in work],
+                              [i for i, w in enumerate(work) if w.samples])
+        return self.model(self._build_batch(work), self.pool.k, self.pool.v)
 
     def _build_batch(self, work: list[_Work]) -> BatchInput:
         ids, positions, slots, groups, logits_rows = [], [], [], [], []
@@ -456,19 +531,45 @@ class Engine:
         req.output_ids.append(token)
         if token in req.stop_ids and (c is None or c.is_terminated()):
             return self._finish(req, "stop")
-        new = [token]
+        self._take(req, [token])
+
+    def _take(self, req: _Request, new: list[int]) -> None:
+        """Tokens accepted and appended to the output: jump-forward, stop conditions, stream out, control."""
+        c = req.constraint
         if c is not None and not c.is_terminated():
             new += self._jump_forward(req)
         text = req.stopper.push(req.detok.push(new))
-        if req.stopper.stopped or (c is not None and c.is_terminated()):
-            self._emit(req, Output(text, new))
-            return self._finish(req, "stop")
-        req.pending.extend(new)
+        ended = req.stopper.stopped or (c is not None and c.is_terminated())
+        if not ended:
+            req.pending.extend(new)
         self._emit(req, Output(text, new))
+        if req.control is not None and not req.done:
+            req.control.on_tokens(SequenceHandle(self, req), new)
+        if ended:
+            return self._finish(req, "stop")
         if req.done:  # its consumer went away
             return
-        if len(req.output_ids) >= req.params.max_tokens or req.seq.length + len(req.pending) >= self.max_context:
+        if len(req.output_ids) >= req.params.max_tokens or req.context_length >= self.max_context:
             self._finish(req, "length")
+
+    def _resume(self, req: _Request, inject: list[int]) -> None:
+        """Unpause `req`, first writing `inject` into it (accepted by its constraint, fed by prefill)."""
+        if req.done:
+            return
+        req.paused = False
+        c = req.constraint
+        try:
+            for i, t in enumerate(inject):
+                if c is not None and not c.accept_token(t):
+                    raise EngineError(f"the grammar rejected injected token {t} "
+                                      f"({self.tokenizer.decode(inject[:i + 1])!r})")
+            if inject:
+                req.output_ids.extend(inject)
+                self._take(req, list(inject))
+        except Exception as exc:  # a faulty injection or controller fails its own request only
+            log.exception("request %d failed", req.id)
+            self._finish(req, "cancelled", error=exc if isinstance(exc, EngineError) else
+                         EngineError(f"request failed: {exc}"))
 
     def _jump_forward(self, req: _Request) -> list[int]:
         forced = req.constraint.find_jump_forward_string()
@@ -516,6 +617,11 @@ def feed_sequence(model: Transformer, pool: KVPool, seq: KVSequence, tokens: lis
     batch = BatchInput(torch.tensor(tokens, device=dev), torch.tensor(seq.positions[-n:], device=dev),
                        slots.to(dev), [g], torch.arange(n, device=dev))
     return model(batch, pool.k, pool.v)
+
+
+def _graphable(cfg) -> bool:
+    """The fused kernels need a power-of-two head size (Triton block shapes)."""
+    return cfg.head_dim >= 16 and cfg.head_dim & (cfg.head_dim - 1) == 0
 
 
 def _drop(_: Output) -> None:

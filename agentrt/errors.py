@@ -72,14 +72,13 @@ class SamplingParamError(InvalidRequestError):
 
 
 class ContextLengthError(InvalidRequestError):
-    def __init__(self, prompt_tokens: int, max_context: int, requested: int = 0) -> None:
+    def __init__(self, prompt_tokens: int, max_context: int, requested: int = 0, *,
+                 message: str | None = None) -> None:
         self.prompt_tokens = prompt_tokens
         self.max_context = max_context
         need = f"{prompt_tokens} prompt tokens" + (f" + {requested} to generate" if requested else "")
-        super().__init__(
-            f"input too long: {need} exceed the model's context of {max_context} tokens; shorten the prompt",
-            param="messages",
-        )
+        default = f"input too long: {need} exceed the model's context of {max_context} tokens; shorten the prompt"
+        super().__init__(message or default, param="messages")
 
 
 class GrammarError(InvalidRequestError):

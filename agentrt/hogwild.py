@@ -25,6 +25,7 @@ import logging
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from agentrt.constraint import TokenConstraint, allocate_bitmask
@@ -146,7 +147,7 @@ class HogwildPool:
 
     def __init__(self, engine, workers: int = 2, *, collaborate: bool = True,
                  prompts: CollaborationPrompts | None = None, separator: str = "\n\n",
-                 max_step_tokens: int = 256, trace: bool = False) -> None:
+                 max_step_tokens: int = 256, trace: bool = False, fused: bool | None = None) -> None:
         if not isinstance(workers, int) or not 1 <= workers <= 64:
             raise InvalidRequestError(f"workers must be an integer from 1 to 64, got {workers!r}", param="workers")
         if max_step_tokens < 1:
@@ -160,6 +161,10 @@ class HogwildPool:
         self.max_step_tokens = max_step_tokens
         self.trace = trace
         self.views: list[ViewRecord] = []  # the last forward's rows, when tracing
+        # steps of few tokens run the fused step (CUDA graphs on a GPU): views as slot tables + key deltas
+        if fused is None:
+            fused = engine.cuda_graphs
+        self._graphs = engine.view_graphs() if fused else None
         self._seqs: list[KVSequence] = []
         self._owner: object | None = None  # the run holding the pages
         self._reset(SamplingParams(), 0, None)
@@ -464,7 +469,7 @@ class HogwildPool:
         Rows see each other's tokens of this forward (K/V are written before attention in every layer).
         Returns the next-token logits after each row's last token: [R, V].
         """
-        pool, dev = self.pool, self.pool.k.device
+        pool = self.pool
         grows = {id(own): len(new) for _, _, own, new in rows}
         # where the new tokens sit in their writer's view (every row's tokens of this forward included)
         starts = [sum(len(b.ids) + grows.get(id(b), 0) for b in ctx) + len(own.ids) for _, ctx, own, _ in rows]
@@ -479,10 +484,25 @@ class HogwildPool:
         slots = [torch.cat([s for s, _ in v]) for v in views]  # [T_r] each
         stored = [torch.cat([p for _, p in v]) for v in views]  # [T_r] position each key was written at
         qs = [len(new) for *_, new in rows]
-        first = [sum(qs[:r]) for r in range(len(rows))]  # each row's first token in the batch
+        graphs = self._graphs
+        if graphs is not None and graphs.fits(sum(qs), len(rows), max(s.numel() for s in slots)):
+            logits = self._forward_fused(graphs, ids, positions, writes, slots, stored, qs)
+        else:
+            logits = self._forward_plain(ids, positions, writes, slots, stored, qs)
+        if self.trace:
+            self.views = [ViewRecord(label, [x for b in (*ctx, own) for x in b.ids], s, p, logits[r].clone(),
+                                     pool.k[:, s].clone())
+                          for r, ((label, ctx, own, _), s, p) in enumerate(zip(rows, slots, stored))]
+        return logits
+
+    def _forward_plain(self, ids, positions, writes, slots, stored, qs) -> torch.Tensor:
+        """The batched forward with attention groups: each view's keys gathered and re-rotated."""
+        pool, dev = self.pool, self.pool.k.device
+        rows = range(len(qs))
+        first = [sum(qs[:r]) for r in rows]  # each row's first token in the batch
         groups = []
         for q in sorted(set(qs)):  # rows feeding the same number of tokens attend together
-            members = [r for r in range(len(rows)) if qs[r] == q]
+            members = [r for r in rows if qs[r] == q]
             tmax = max(slots[r].numel() for r in members)
             g_slots = torch.zeros(len(members), tmax, dtype=torch.long)  # [b, T], padding masked out
             g_delta = torch.zeros(len(members), tmax, dtype=torch.long)  # [b, T] view pos - stored pos
@@ -499,9 +519,25 @@ class HogwildPool:
         last = [f + q - 1 for f, q in zip(first, qs)]
         batch = BatchInput(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
                            torch.cat(writes).to(dev), groups, torch.tensor(last, device=dev))
-        logits = self.engine.model(batch, pool.k, pool.v)  # [R, V]
-        if self.trace:
-            self.views = [ViewRecord(label, [x for b in (*ctx, own) for x in b.ids], s, p, logits[r].clone(),
-                                     pool.k[:, s].clone())
-                          for r, ((label, ctx, own, _), s, p) in enumerate(zip(rows, slots, stored))]
-        return logits
+        return self.engine.model(batch, pool.k, pool.v)  # [R, V]
+
+    @staticmethod
+    def _forward_fused(graphs, ids, positions, writes, slots, stored, qs) -> torch.Tensor:
+        """The fused step: every new token a row with its view's slot table, key deltas and key count."""
+        host = graphs.host()
+        n = len(ids)
+        host.input_ids[:n], host.positions[:n] = ids, positions
+        host.write_slots[:n] = torch.cat(writes).numpy()
+        r, cols, last = 0, 1, []
+        for s, p, q in zip(slots, stored, qs):
+            t = s.numel()
+            table, delta = s.numpy(), np.arange(t) - p.numpy()  # view position - stored position
+            for j in range(q):  # causal among the row's own new tokens
+                host.lengths[r] = t - q + 1 + j
+                host.page_table[r, :t] = table
+                host.key_delta[r, :t] = delta
+                r += 1
+            last.append(r - 1)
+            cols = max(cols, t)
+        host.logits_rows[:len(last)] = last
+        return graphs.launch(r, cols, len(last))

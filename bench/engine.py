@@ -118,6 +118,45 @@ def hf_prefill(model, prompt: list[int], repeats: int) -> float:
     return len(prompt) / statistics.median(times)
 
 
+def graph_step_ms(engine, batch: int, context: int = 128, repeats: int = 50) -> dict[str, float]:
+    """On CUDA: the decode step alone (no scheduling, sampling or streaming), timed with CUDA events:
+    the captured graph's replay, the same fused step run eagerly, and the plain forward."""
+    from agentrt.engine import _Work
+    from agentrt.kv import KVSequence
+
+    pool, graphs = engine.pool, engine._graphs
+    seqs = [KVSequence() for _ in range(batch)]
+    for s in seqs:
+        pool.append(s, context)
+
+    def timed(fn) -> float:
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / repeats
+
+    class _Req:  # what _build_batch reads from a request
+        def __init__(self, seq):
+            self.seq, self.pending = seq, [11]
+
+    work = [_Work(_Req(s), 1, True) for s in seqs]
+    out = {"plain forward": timed(lambda: engine.model(engine._build_batch(work), pool.k, pool.v))}
+    if graphs is not None:
+        graphs.run([(s, [11]) for s in seqs], list(range(batch)))  # inputs in place for the eager run
+        out["fused, eager"] = timed(lambda: engine.model.decode(graphs._views(graphs._dev, batch), pool.k, pool.v,
+                                                                pool.page_size))
+        out["fused, CUDA graph"] = timed(lambda: graphs.run([(s, [11]) for s in seqs], list(range(batch))))
+    for s in seqs:
+        pool.free(s)
+    return out
+
+
 def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: str | None) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -141,8 +180,13 @@ def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: 
                      "prefill_tok_s": round(ours_pf, 1), "tok_s": round(batch * 1000 / ours_ms, 1)})
         rows.append({"path": "transformers", "batch": batch, "ms_per_token": round(hf_ms, 2),
                      "prefill_tok_s": round(hf_pf, 1), "tok_s": round(batch * 1000 / hf_ms, 1)})
+    steps = []
+    if dev.type == "cuda":
+        for batch in batches:
+            for path, ms in graph_step_ms(engine, batch).items():
+                steps.append({"path": path, "batch": batch, "ms_per_step": round(ms, 3)})
     engine.close()
-    return {"model": model_name, "device": str(dev), "threads": torch.get_num_threads(),
+    return {"model": model_name, "device": str(dev), "threads": torch.get_num_threads(), "steps": steps,
             "prompt_tokens": len(_prompts(engine, 1)[0]), "prefill_prompt_tokens": len(long_prompt),
             "decode_tokens": tokens, "rows": rows}
 
@@ -161,6 +205,13 @@ def print_table(result: dict) -> None:
                   f"{ref['ms_per_token'] / r['ms_per_token']:.2f}x")
     one = by.get(("agentrt", 1))
     Console().print(t)
+    if result.get("steps"):
+        st = Table(title="decode step alone (CUDA events; context 128 tokens per row)")
+        for col in ("batch", "path", "ms/step"):
+            st.add_column(col, justify="right")
+        for r in result["steps"]:
+            st.add_row(str(r["batch"]), r["path"], f"{r['ms_per_step']:.3f}")
+        Console().print(st)
     for batch in sorted({b for _, b in by}):
         if one and batch > 1:
             Console().print(f"agentrt batch {batch} aggregate throughput: "

@@ -70,7 +70,7 @@ def _hf_ms(model, tok, prompt, tokens, processor) -> float:
     return (s.times[-1] - s.times[0]) / max(len(s.times) - 1, 1) * 1000
 
 
-def run(model_name: str, tokens: int, batches: list[int], repeats: int) -> dict:
+def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: str | None = None) -> dict:
     import xgrammar
     from transformers import AutoModelForCausalLM
     from xgrammar.contrib.hf import LogitsProcessor
@@ -80,7 +80,8 @@ def run(model_name: str, tokens: int, batches: list[int], repeats: int) -> dict:
     from agentrt.models import resolve_model
     from agentrt.sampling import SamplingParams
 
-    engine = Engine.load(model_name, device="cpu")
+    engine = Engine.load(model_name, device=device)
+    dev, dtype = engine.device, engine.model.embed.weight.dtype
     compiler = GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size)
     compiled = compiler.compile(JsonSchema(SCHEMA))
     stop = sorted(engine.eos_token_ids)
@@ -89,7 +90,8 @@ def run(model_name: str, tokens: int, batches: list[int], repeats: int) -> dict:
         prompts = [engine.chat_prompt([{"role": "user", "content": f"({i}) {QUESTION}"}]) for i in range(batch)]
         free = SamplingParams(max_tokens=tokens, ignore_eos=True)
         bound = SamplingParams(max_tokens=tokens)
-        _engine_ms(engine, prompts, SamplingParams(max_tokens=4), None)  # warm-up
+        for factory in (None, lambda: Matcher(compiled, stop_token_ids=stop)):  # warm-up (JIT, graphs)
+            _engine_ms(engine, prompts, SamplingParams(max_tokens=8), factory)
         for path, params, factory, overlap in (
             ("agentrt unconstrained", free, None, True),
             ("agentrt constrained, overlap", bound, lambda: Matcher(compiled, stop_token_ids=stop), True),
@@ -100,7 +102,7 @@ def run(model_name: str, tokens: int, batches: list[int], repeats: int) -> dict:
             rows.append({"path": path, "batch": batch, "ms_per_token": round(ms, 2)})
     engine.mask_overlap = True
     mask = sorted(engine.mask_seconds)
-    hf = AutoModelForCausalLM.from_pretrained(resolve_model(model_name), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model(model_name), dtype=dtype).to(dev).eval()
     prompt = engine.chat_prompt([{"role": "user", "content": QUESTION}])
     hf_compiler = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo.from_huggingface(
         engine.tokenizer, vocab_size=engine.vocab_size))
@@ -113,7 +115,7 @@ def run(model_name: str, tokens: int, batches: list[int], repeats: int) -> dict:
         rows.append({"path": path, "batch": 1, "ms_per_token": round(ms, 2)})
     engine.close()
     pct = (lambda q: round(mask[min(len(mask) - 1, int(q * len(mask)))] * 1e6, 1)) if mask else (lambda q: None)
-    return {"model": model_name, "device": "cpu", "threads": torch.get_num_threads(), "tokens": tokens,
+    return {"model": model_name, "device": str(dev), "threads": torch.get_num_threads(), "tokens": tokens,
             "rows": rows, "mask_us": {"p50": pct(0.5), "p99": pct(0.99)}}
 
 
@@ -136,12 +138,13 @@ def print_table(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="agentrt bench grammar", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    result = run(args.model, args.tokens, args.batch, args.repeats)
+    result = run(args.model, args.tokens, args.batch, args.repeats, args.device)
     return report(result, print_table, args.json)
 
 

@@ -46,10 +46,10 @@ def dense_copy_logits(model, pool: KVPool, view: ViewRecord) -> torch.Tensor:
     return feed_sequence(model, ref, seq, [view.token_ids[-1]], positions=[n])[-1]
 
 
-def run_with_views(engine, check, workers: int = 3, steps: int = 14) -> int:
+def run_with_views(engine, check, workers: int = 3, steps: int = 14, fused: bool = False) -> int:
     """Step a collaboration run, calling check(view) for every worker's view after every forward."""
     pool = HogwildPool(engine, workers, max_step_tokens=3, prompts=CollaborationPrompts(check_every=4),
-                       trace=True)
+                       trace=True, fused=fused)
     pool.start(TASK, max_tokens=1000, params=SAMPLED)
     checked = 0
     try:
@@ -83,7 +83,10 @@ def one_layer_engine(tiny_parts, make_engine):
     engine.close()
 
 
-def test_views_give_the_logits_of_a_fresh_prefill_of_their_text(one_layer_engine):
+# fused: the views as slot tables with key deltas through the fused step (what runs on a GPU, in
+# CUDA graphs); plain: attention groups gathering and re-rotating keys
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_views_give_the_logits_of_a_fresh_prefill_of_their_text(one_layer_engine, fused):
     # One layer: a token's K/V depend on nothing but the token and its position, so the view's logits
     # must equal a fresh prefill of the view's tokens at dense positions, whatever each token saw.
     engine = one_layer_engine
@@ -92,17 +95,18 @@ def test_views_give_the_logits_of_a_fresh_prefill_of_their_text(one_layer_engine
         want = fresh_prefill_logits(engine.model, view.token_ids)
         assert (view.logits - want).abs().max() <= 1e-4
 
-    assert run_with_views(engine, check) >= 30
+    assert run_with_views(engine, check, fused=fused) >= 30
 
 
-def test_views_equal_a_plain_forward_over_their_cached_kv(tiny_engine):
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_views_equal_a_plain_forward_over_their_cached_kv(tiny_engine, fused):
     # Any depth: the batched, padded, re-rotated forward equals an ordinary forward over the same
     # cached K/V laid out densely (deeper K/V keep the context their writer saw: see agentrt.hogwild).
     def check(view):
         want = dense_copy_logits(tiny_engine.model, tiny_engine.pool, view)
         assert (view.logits - want).abs().max() <= 1e-4
 
-    assert run_with_views(tiny_engine, check) >= 30
+    assert run_with_views(tiny_engine, check, fused=fused) >= 30
 
 
 @pytest.mark.parametrize("params", [SamplingParams(), SAMPLED], ids=["greedy", "sampled"])
