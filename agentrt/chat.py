@@ -160,7 +160,9 @@ class ChatOptions:
     parallel_tool_calls: bool = True
     response_format: dict | None = None
     grammar: str | None = None  # an xgrammar EBNF (vLLM's `guided_grammar`, SGLang's `ebnf`)
-    schema_options: dict = field(default_factory=dict)  # e.g. max_string_length, max_number_digits
+    # JsonSchema options for tool arguments and json_schema replies: max_string_length, max_number_digits,
+    # max_array_items, max_object_entries (tool calls default to grammar.TOOL_ARGUMENT_CAPS; None: no cap)
+    schema_options: dict = field(default_factory=dict)
 
 
 def _text(content: Any) -> str:
@@ -269,7 +271,12 @@ async def prepare_chat(engine, compiler, messages: list[dict], options: ChatOpti
 
 
 async def stream_chat(engine, prompt_ids: list[int], matcher, params) -> AsyncIterator[ChatEvent | ChatResult]:
-    """Decode a chat turn: yields ChatEvents as text arrives, then one ChatResult."""
+    """Decode a chat turn: yields ChatEvents as text arrives, then one ChatResult.
+
+    Near max_tokens the grammar steers open JSON to close (`Matcher.close_by`): a tool call or JSON
+    reply that would be cut mid-value ends complete, its last value shortened."""
+    if matcher is not None:
+        matcher.close_by(params.max_tokens)
     splitter = ToolCallStream()
     async for out in engine.stream(prompt_ids, params, matcher):
         for event in splitter.push(out.text):

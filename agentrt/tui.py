@@ -127,8 +127,10 @@ def local_agents(*, device: str | None = None, max_tokens: int = 512) -> AgentFa
         if model not in loaded:
             loaded.clear()
             loaded[model] = open_backend(model, device=device)
+        # write_file takes whole files: no string cap (a call near max_tokens is still steered to close)
         return Agent(loaded[model], tools, mode=mode, max_tokens=max_tokens,
-                     instructions=INSTRUCTIONS if mode == "chat" else None)
+                     instructions=INSTRUCTIONS if mode == "chat" else None,
+                     grammar_options={"max_string_length": None})
 
     return make
 

@@ -11,6 +11,7 @@ from agentrt.grammar._constraints import Choice, Constraint, Ebnf, Json, JsonSch
 from agentrt.grammar._matcher import MaskFiller, Matcher
 from agentrt.grammar._schema import NormalizedSchema, normalize_schema
 from agentrt.grammar._tools import (
+    TOOL_ARGUMENT_CAPS,
     TOOL_CALL_BEGIN,
     TOOL_CALL_END,
     ToolCalls,
@@ -28,6 +29,7 @@ __all__ = [
     "Lark",
     "Choice",
     "ToolCalls",
+    "TOOL_ARGUMENT_CAPS",
     "ToolSpec",
     "render_tool_call",
     "parse_tool_calls",

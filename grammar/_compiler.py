@@ -40,6 +40,7 @@ class CompiledConstraint:
     key: str
     warnings: list[str] = field(default_factory=list)
     compile_seconds: float = 0.0
+    tokenizer: str = ""  # the fingerprint of the tokenizer it was compiled for
 
     @property
     def memory_size_bytes(self) -> int:
@@ -190,7 +191,9 @@ class GrammarCompiler:
                 compiled = self._xgr.compile_grammar(grammar)
             except RuntimeError as e:
                 raise GrammarError(f"cannot compile {constraint!r}: {e}", param="grammar") from e
-            result = CompiledConstraint(compiled, constraint.key, warnings, time.perf_counter() - t0)
+            result = CompiledConstraint(
+                compiled, constraint.key, warnings, time.perf_counter() - t0, self.fingerprint
+            )
             for w in warnings:
                 log.warning("grammar %s: %s", constraint.key[:12], w)
             self.cache.put((self.fingerprint, constraint.key), result)

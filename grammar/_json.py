@@ -7,6 +7,7 @@ XGrammar converts the schema; we then rewrite its shared `basic_*` rules, which 
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -25,11 +26,14 @@ def json_schema_ebnf(
     allow_undeclared: bool = False,
     max_string_length: int | None = None,
     max_number_digits: int | None = None,
+    max_array_items: int | None = None,
+    max_object_entries: int | None = None,
 ) -> tuple[str, list[str]]:
     """EBNF text for a normalised schema, and warnings about caps that could not be applied.
 
     `max_whitespace=None` allows no whitespace beyond `separators`; an integer allows any
-    whitespace between tokens, at most that many characters in a row.
+    whitespace between tokens, at most that many characters in a row. The caps bound every
+    string, number, array and open object (a `minLength` / `minItems` above a cap wins).
     """
     any_ws = max_whitespace is not None and max_whitespace > 0
     try:
@@ -51,9 +55,9 @@ def json_schema_ebnf(
         first = f"basic_string {_lit(colon)} basic_any"
         rules.replace("basic_object", f'(("{{" {first} basic_object_properties{{0, -1}} "}}") | ("{{" "}}"))')
     if max_string_length is not None:
-        n = max_string_length
-        rules.replace("basic_string", f'(("\\"" basic_string_char{{0, {n}}} "\\""))')
-        rules.add("basic_string_char", '(([^\\0-\\x1f\\"\\\\]) | ("\\\\" basic_escape))')
+        rules.string("basic_string", _STRING_CHARS, 0, max_string_length)
+    for name, (item, lo, hi) in rules.length_limited_strings():  # xgrammar writes `c{lo, hi}`: slow masks
+        rules.string(name, [item], lo, _capped(lo, hi, max_string_length))
     if max_number_digits is not None:
         n = max_number_digits
         rules.replace("basic_integer", f'(("0") | (basic_integer_1 [1-9] [0-9]{{0, {n - 1}}}))')
@@ -64,8 +68,67 @@ def json_schema_ebnf(
     if max_number_digits is not None:  # typed numbers get rules of their own: cap those digits too
         n = max_number_digits
         text = text.replace("[1-9] [0-9]*", f"[1-9] [0-9]{{0, {n - 1}}}")
-        text = re.sub(r"(\w+_digits)\{1, -1\}", lambda m: f"{m.group(1)}{{1, {n}}}", text)
+        text = text.replace("_digits{1, -1}", f"_digits{{1, {n}}}")
+    # `x_items{lo, hi}` repeats the items after an array's first; `x_properties` the entries after an
+    # object's first. A bounded repetition of these (not of characters) keeps masks fast.
+    for suffix, cap in (("items", max_array_items), ("properties", max_object_entries)):
+        if cap is not None:
+            text = re.sub(rf"_{suffix}\{{(\d+), (-?\d+)\}}", functools.partial(_cap_repeat, suffix, cap - 1), text)
     return text, rules.missing
+
+
+def _cap_repeat(suffix: str, cap: int, m: re.Match[str]) -> str:
+    lo, hi = int(m.group(1)), int(m.group(2))
+    return f"_{suffix}{{{lo}, {_capped(lo, hi, cap)}}}"
+
+
+# A JSON string character: plain or escaped, inline (an escape rule of its own would leave the tokens
+# that run past its end unresolved in the mask cache).
+_STRING_CHARS = [
+    '[^\\0-\\x1f\\"\\\\]', '"\\\\" ["\\\\/bfnrt]', '"\\\\u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9]'
+]
+# A length bound above this stays a bounded repetition: a chain compiles in ~10 ms a character
+# for a 49k vocabulary, so longer chains trade seconds of compile for the faster masks.
+MAX_CHAIN = 256
+
+
+def _capped(lo: int, hi: int, cap: int | None) -> int:
+    """The upper bound of a `{lo, hi}` repetition (hi -1: none) under `cap` (None: no cap), never below lo."""
+    if cap is None:
+        return hi
+    return max(lo, cap if hi < 0 else min(hi, cap))
+
+
+def merge_grammars(texts: list[str]) -> tuple[str, list[str]]:
+    """Several EBNF grammars (root rule `root`) as one text, and the name each one's root has there.
+
+    Grammar i's rules become `g{i}_<name>`, except those every grammar defines alike and whose
+    references are all kept alike too: those stay once under their own name and compile once (a
+    capped string's chain above all, ~10 ms a character).
+    """
+    tables = [dict(line.split(" ::= ", 1) for line in text.splitlines() if line.strip()) for text in texts]
+    first = tables[0]
+    shared = {n for n, body in first.items() if n != "root" and all(t.get(n) == body for t in tables[1:])}
+    while True:  # drop rules that reference a rule of their own grammar, until none does
+        own = {n for n in shared if any(r in first and r not in shared for r in _EBNF_TOKEN.findall(first[n]))}
+        if not own:
+            break
+        shared -= own
+    lines = [f"{n} ::= {body}" for n, body in first.items() if n in shared]
+    roots = []
+    for i, table in enumerate(tables):
+        names = {n: n if n in shared else f"g{i}_{n}" for n in table}
+        lines += [f"{names[n]} ::= {_rename(body, names)}" for n, body in table.items() if n not in shared]
+        roots.append(names["root"])
+    return "\n".join(lines) + "\n", roots
+
+
+# A literal, a character class, or a name (group 1): literals and classes are skipped over whole.
+_EBNF_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]|([A-Za-z_]\w*)')
+
+
+def _rename(body: str, names: dict[str, str]) -> str:
+    return _EBNF_TOKEN.sub(lambda m: names.get(m.group(0), m.group(0)), body)
 
 
 class _Rules:
@@ -86,6 +149,40 @@ class _Rules:
         if name not in self.index:
             self.index[name] = len(self.lines)
             self.lines.append(f"{name} ::= {body}")
+
+    def length_limited_strings(self) -> list[tuple[str, tuple[str, int, int]]]:
+        """Strings xgrammar bounds by repetition, `s ::= (("\\"" c{lo, hi} "\\""))` with `c` one
+        character class: [(s, (class, lo, hi))], hi -1 for no upper bound."""
+        found = []
+        for line in self.lines:
+            m = re.fullmatch(r'(\w+) ::= \(\("\\"" (\w+)\{(\d+), (-?\d+)\} "\\""\)\)', line)
+            item = m and self.body(m.group(2))
+            if m and item and re.fullmatch(r"\(\((\[[^\]]*\])\)\)", item):
+                found.append((m.group(1), (item[2:-2], int(m.group(3)), int(m.group(4)))))
+        return found
+
+    def body(self, name: str) -> str | None:
+        i = self.index.get(name)
+        return None if i is None else self.lines[i].split(" ::= ", 1)[1]
+
+    def string(self, name: str, chars: list[str], lo: int, hi: int | None) -> None:
+        """Make `name` a JSON string of lo..hi characters (alternatives `chars`; hi None or -1: no
+        bound) as a right-recursive chain, one rule per character that ends inside itself
+        (`s_i ::= "\\"" | c s_i+1`): xgrammar 0.2.8 caches those rules' token masks (~10 us a
+        token) where a repetition `c{lo, hi}` costs 20-50 ms a token. Bounds over MAX_CHAIN stay
+        repetitions (see there)."""
+        hi = None if hi is None or hi < 0 else hi
+        if max(lo, hi or 0) > MAX_CHAIN:
+            alts = " | ".join(f"({c})" for c in chars)
+            self.replace(name, f'(("\\"" {name}_char{{{lo}, {-1 if hi is None else hi}}} "\\""))')
+            self.add(f"{name}_char", f"({alts})")
+            return
+        last = lo if hi is None else hi
+        self.replace(name, f'(("\\"" {name}_at_0))')
+        for i in range(last + 1):
+            nxt = f"{name}_at_{i if hi is None and i == last else i + 1}"
+            alts = (['("\\"")'] if i >= lo else []) + ([f"({c} {nxt})" for c in chars] if i < last or hi is None else [])
+            self.add(f"{name}_at_{i}", "(" + " | ".join(alts) + ")")
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"

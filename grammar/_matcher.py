@@ -1,6 +1,7 @@
 """The per-sequence matcher the engine drives (agentrt.constraint.TokenConstraint over xgrammar's
 GrammarMatcher), and `MaskFiller`, which fills a whole batch's bitmask on the CPU while the forward
 step runs: `start()` right after launching the forward, `wait()` before sampling (XGrammar's overlap).
+Near the end of a token budget a matcher can steer JSON to close (`close_by`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import concurrent.futures as cf
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import xgrammar as xgr
 
@@ -32,6 +34,7 @@ class Matcher:
         self.vocab_size = int(compiled.grammar.tokenizer_info.vocab_size)
         self.xgr = xgr.GrammarMatcher(compiled.grammar, override_stop_tokens=stop_token_ids)
         self.num_accepted = 0
+        self.closing_from: int | None = None  # see close_by
 
     @property
     def warnings(self) -> list[str]:
@@ -44,6 +47,23 @@ class Matcher:
                 f"vocabulary of {self.vocab_size} ({bitmask_width(self.vocab_size)} words)"
             )
         self.xgr.fill_next_token_bitmask(bitmask, index)
+        self._steer(bitmask, index)
+
+    def _steer(self, bitmask: torch.Tensor, index: int) -> None:
+        if self.closing_from is not None and self.num_accepted >= self.closing_from and not self.is_completed():
+            closing = bitmask[index] & _closers(self.compiled, bitmask.shape[-1])
+            if bool(closing.any()):
+                bitmask[index] = closing
+
+    def close_by(self, max_tokens: int, reserve: int | None = None) -> None:
+        """Steer open JSON values to close within `max_tokens` accepted tokens: once `reserve` or
+        fewer are left (default max_tokens // 8 within 16..32: room for a few closing brackets and
+        a tool call's end tag) and the grammar cannot end yet, only tokens that start by closing a
+        string, array or object (`"`, `]`, `}`) are allowed whenever the grammar allows one. A weak
+        model looping inside a tool call then ends it with a complete, shortened value instead of
+        running out of tokens mid-value; outputs that end earlier are untouched."""
+        reserve = min(32, max(16, max_tokens // 8)) if reserve is None else reserve
+        self.closing_from = max(0, max_tokens - reserve)
 
     def accept_token(self, token_id: int) -> bool:
         ok = bool(self.xgr.accept_token(int(token_id)))
@@ -77,6 +97,20 @@ class Matcher:
 
 assert issubclass(Matcher, TokenConstraint)
 
+_CLOSERS: dict[tuple[str, int], torch.Tensor] = {}  # (tokenizer fingerprint, words) -> packed row
+
+
+def _closers(compiled: CompiledConstraint, words: int) -> torch.Tensor:
+    """One packed bitmask row: the tokens whose text starts with `"`, `]` or `}`."""
+    key = (compiled.tokenizer, words)
+    if key not in _CLOSERS or not compiled.tokenizer:
+        vocab = compiled.grammar.tokenizer_info.decoded_vocab
+        bits = np.zeros(words * 32, dtype=np.uint64)
+        bits[[i for i, t in enumerate(vocab) if t[:1] in (b'"', b"]", b"}")]] = 1
+        packed = (bits.reshape(words, 32) << np.arange(32, dtype=np.uint64)).sum(axis=1)
+        _CLOSERS[key] = torch.from_numpy(packed.astype(np.uint32).view(np.int32))
+    return _CLOSERS[key]
+
 
 class MaskFiller:
     """Fills one bitmask row per sequence: constrained rows from their matcher, others all-allowed.
@@ -94,7 +128,7 @@ class MaskFiller:
         """Row i of `bitmask` gets `matchers[i]`'s mask; a None (unconstrained) row allows every token."""
         if bitmask.shape[0] < len(matchers):
             raise ValueError(f"bitmask has {bitmask.shape[0]} rows for {len(matchers)} sequences")
-        ours: list[xgr.GrammarMatcher] = []
+        ours: list[Matcher] = []
         rows: list[int] = []
         for i, m in enumerate(matchers):
             if m is None:
@@ -102,12 +136,14 @@ class MaskFiller:
             elif isinstance(m, Matcher):
                 if bitmask.shape[-1] != bitmask_width(m.vocab_size):
                     m.fill_next_token_bitmask(bitmask, i)  # raises with the explanation
-                ours.append(m.xgr)
+                ours.append(m)
                 rows.append(i)
             else:
                 m.fill_next_token_bitmask(bitmask, i)
         if ours:
-            self._batch.batch_fill_next_token_bitmask(ours, bitmask, rows)
+            self._batch.batch_fill_next_token_bitmask([m.xgr for m in ours], bitmask, rows)
+            for m, i in zip(ours, rows):
+                m._steer(bitmask, i)
         return bitmask
 
     def start(

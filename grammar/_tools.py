@@ -13,12 +13,13 @@ import xgrammar as xgr
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agentrt.errors import GrammarError
-from agentrt.grammar._constraints import Constraint, JsonSchema
-from agentrt.grammar._json import _first_line
+from agentrt.grammar._constraints import Constraint, JsonSchema, ebnf_literal
+from agentrt.grammar._json import _first_line, merge_grammars
 
 __all__ = [
     "ToolSpec",
     "ToolCalls",
+    "TOOL_ARGUMENT_CAPS",
     "render_tool_call",
     "parse_tool_calls",
     "TOOL_CALL_BEGIN",
@@ -65,6 +66,19 @@ class ToolSpec(BaseModel):
 
 ToolChoice = Literal["auto", "required", "none"] | dict[str, Any]
 
+# Caps on tool arguments unless a caller passes its own (None turns one off), so a weak model that
+# loops inside a value moves on (smollm2-135m on BFCL looped inside strings until max_tokens). They
+# hold every answer of BFCL's simple_python, multiple and live_simple but one 224-character URL
+# (otherwise at most 109 characters, 12 digits, 12 items, 8 entries). The string cap adds ~0.5-1 s
+# to the first compile of a tool set (49k vocabulary); tools that take long text (file contents)
+# need it off. Near max_tokens, `Matcher.close_by` closes whatever is still open.
+TOOL_ARGUMENT_CAPS: dict[str, int | None] = {
+    "max_string_length": 128,
+    "max_number_digits": 16,
+    "max_array_items": 16,
+    "max_object_entries": 16,
+}
+
 
 class ToolCalls(Constraint):
     """Free text and/or tool calls in agentrt's tool-call format.
@@ -72,8 +86,8 @@ class ToolCalls(Constraint):
     `choice="auto"`: text, with calls constrained once `<tool_call>` starts; `"required"`: one or
     more calls and nothing else; `{"name": f}` (or OpenAI's `{"type": "function", "function":
     {"name": f}}`): calls to `f` only; `"none"`: text that never opens a call. `parallel=False`
-    allows at most one call. Schema options (`max_string_length`, ...) apply to every tool's
-    arguments.
+    allows at most one call. Schema options (`JsonSchema`'s) apply to every tool's arguments; the
+    caps default to `TOOL_ARGUMENT_CAPS` (`max_string_length=None` etc. turns one off).
     """
 
     def __init__(
@@ -94,7 +108,7 @@ class ToolCalls(Constraint):
             raise GrammarError("tool_choice 'required' needs at least one tool", param="tool_choice")
         self.parallel = parallel
         self.separators = (separators[0], separators[1])
-        self.schema_options = schema_options
+        self.schema_options = {**TOOL_ARGUMENT_CAPS, **schema_options}
 
     def _identity(self) -> Any:
         return [
@@ -114,7 +128,7 @@ class ToolCalls(Constraint):
                 "format": {"type": "any_text", "excludes": [TOOL_CALL_BEGIN]},
             }, []
         warnings: list[str] = []
-        tags = []
+        heads, texts = [], []
         for tool in self.tools:
             if self.named is not None and tool.name != self.named:
                 continue
@@ -126,10 +140,14 @@ class ToolCalls(Constraint):
             except GrammarError as e:
                 raise GrammarError(f"tool {tool.name!r}: {e}", param="tools") from e
             warnings += [f"tool {tool.name!r}: {w}" for w in ws]
-            begin, end = _envelope(tool.name, self.separators)
-            tags.append(
-                {"type": "tag", "begin": begin, "content": {"type": "grammar", "grammar": text}, "end": end}
-            )
+            heads.append(_envelope(tool.name, self.separators)[0].removeprefix(TOOL_CALL_BEGIN))
+            texts.append(text)
+        # One tag for every tool: their grammars merged, so rules they share compile once.
+        rules, roots = merge_grammars(texts)
+        calls = " | ".join(f"({ebnf_literal(head)} {root})" for head, root in zip(heads, roots))
+        body = f'root ::= ({calls}) "}}"\n{rules}'
+        tags = [{"type": "tag", "begin": TOOL_CALL_BEGIN, "content": {"type": "grammar", "grammar": body},
+                 "end": TOOL_CALL_END}]
         if self.choice == "auto":
             fmt = {
                 "type": "triggered_tags",

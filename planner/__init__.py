@@ -4,7 +4,8 @@ with replanning, Divide-Then-Aggregate rounds (DTA-Llama) and a ReAct baseline."
 
 from __future__ import annotations
 
-from agentrt.planner._executor import Approver, ExecutionState, Executor, approve_in_terminal
+from agentrt.planner._executor import (Approver, ExecutionState, Executor, approve_in_terminal, ask_approval,
+                                       refusal)
 from agentrt.planner._grammar import GrammarLimits, joiner_grammar, plan_grammar, react_grammar
 from agentrt.planner._joiner import JoinerDecision, parse_joiner
 from agentrt.planner._modes import AgentRun, TextLLM, run_dta, run_plan, run_react
@@ -34,6 +35,8 @@ __all__ = [
     "ExecutionState",
     "Approver",
     "approve_in_terminal",
+    "ask_approval",
+    "refusal",
     "Trace",
     "TaskSpan",
     "TextLLM",

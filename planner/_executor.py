@@ -23,12 +23,33 @@ from agentrt.planner._task import ReferenceResolutionError, Task, resolve
 from agentrt.planner._trace import Trace
 from agentrt.tools import Tool, ToolContext, ToolRegistry, ToolResult
 
-__all__ = ["Executor", "ExecutionState", "Approver", "approve_in_terminal"]
+__all__ = ["Executor", "ExecutionState", "Approver", "approve_in_terminal", "ask_approval", "refusal"]
 
 log = logging.getLogger(__name__)
 
-# approve(tool, resolved_args, task) -> bool (or an awaitable of it)
-Approver = Callable[[Tool, Any, Task], "bool | Awaitable[bool]"]
+# approve(tool, resolved_args, call) -> bool (or an awaitable of it); call: the plan's Task, or the
+# ToolCall in the SDK's chat mode
+Approver = Callable[[Tool, Any, Any], "bool | Awaitable[bool]"]
+
+
+async def ask_approval(approve: Approver | None, tool: Tool, args: Any, call: Any) -> bool:
+    """Whether `tool` may run with `args`: `approve(tool, args, call)`, sync or async (`call` is
+    the plan's Task, or the chat's ToolCall in the SDK). No approver, or one that fails, refuses."""
+    if approve is None:
+        return False
+    try:
+        verdict = approve(tool, args, call)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+    except Exception:
+        log.warning("approval callback failed for %s; refusing", tool.name, exc_info=True)
+        return False
+    return bool(verdict)
+
+
+def refusal(tool: Tool) -> ToolResult:
+    """What the model sees when a tool with side effects was not approved."""
+    return ToolResult("refused", error=f"{tool.name} has side effects and was not approved")
 
 
 async def approve_in_terminal(tool: Tool, args: Any, task: Task) -> bool:
@@ -247,7 +268,7 @@ class _Run:
             reused = state.results[earlier]
             return ToolResult(reused.kind, value=reused.value, error=reused.error, attempts=0)
         if tool.side_effects and not await self._approved(task, tool, args):
-            return ToolResult("refused", error=f"{tool.name} has side effects and was not approved")
+            return refusal(tool)
         tool_limit = ex.tool_limits.get(tool.name, tool.max_concurrency)
         per_tool = ex._limiter(tool.name, tool_limit) if tool_limit else None
         async with _Held(per_tool), _Held(self.global_limit):
@@ -262,16 +283,7 @@ class _Run:
             )
 
     async def _approved(self, task: Task, tool: Tool, args: Any) -> bool:
-        if self.ex.approve is None:
-            return False
-        try:
-            verdict = self.ex.approve(tool, args, task)
-            if inspect.isawaitable(verdict):
-                verdict = await verdict
-        except Exception:
-            log.warning("approval callback failed for task %d; refusing", task.id, exc_info=True)
-            return False
-        return bool(verdict)
+        return await ask_approval(self.ex.approve, tool, args, task)
 
 
 
