@@ -2,8 +2,9 @@
 
 `chat` mode is the function-calling loop users know from the OpenAI Agents SDK / pydantic-ai
 (calls of one turn run concurrently); `plan`, `dta` and `react` hand the question to the planner
-(LLMCompiler, Divide-Then-Aggregate, ReAct). `output_type` makes the final answer a value decoded
-under its JSON schema.
+(LLMCompiler, Divide-Then-Aggregate, ReAct); `thread` writes one reasoning tree with tools run inside the
+generation and finished subtasks pruned from the KV cache (TIM/TIMRUN); `hogwild` runs parallel workers
+over one cache. `output_type` makes the final answer a value decoded under its JSON schema.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 
@@ -20,6 +21,9 @@ from agentrt.backends import Backend, open_backend
 from agentrt.chat import ChatOptions, ChatResult
 from agentrt.errors import InvalidRequestError, RunTimeoutError
 from agentrt.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from agentrt.planner import Approver
 
 __all__ = ["Agent", "RunResult", "TextDelta", "ToolStart", "ToolEnd", "Final", "AgentEvent"]
 
@@ -58,6 +62,8 @@ class RunResult(Generic[T]):
     tool_calls: list[ToolEnd] = field(default_factory=list)
     messages: list[dict] = field(default_factory=list)
     steps: int = 0
+    tree: dict | None = None  # thread mode: the whole reasoning tree
+    notes: list[str] = field(default_factory=list)  # what the backend could not do (e.g. no KV pruning)
 
 
 @dataclass
@@ -70,20 +76,31 @@ AgentEvent = TextDelta | ToolStart | ToolEnd | Final
 
 class Agent(Generic[T]):
     """An agent over a model and tools. `model`: a name (default: the embedded smollm2-135m), a local
-    directory or hub id, `openai:<base_url>#<model>`, an Engine or a Backend."""
+    directory or hub id, `openai:<base_url>#<model>`, an Engine or a Backend. `thread_options`: a
+    `agentrt.threads.ThreadOptions` (or a dict of its fields) for thread mode.
+
+    `approve(tool, args, call) -> bool` (sync or async) is asked before a tool with
+    `side_effects=True` runs (`call`: the chat ToolCall, or the plan's Task in plan, dta, react and
+    thread modes); without it such tools are refused, and the refusal is the result the model sees."""
 
     def __init__(self, model: Any = None, tools: Iterable[Any] = (), *, mode: str = "chat",
                  output_type: type[T] = str, instructions: str | None = None, max_steps: int = 8,
                  timeout: float | None = None, temperature: float = 0.0, max_tokens: int = 512,
                  tool_top_k: int | None = None, tool_choice: str = "auto", grammar_options: dict | None = None,
-                 workers: int = 4, device: str | None = None) -> None:
+                 workers: int = 4, thread_options: Any = None, approve: Approver | None = None,
+                 device: str | None = None) -> None:
         from agentrt.tools import ToolRegistry
 
         if mode not in MODES:
             raise InvalidRequestError(f"mode {mode!r} is not one of {', '.join(MODES)}", param="mode")
-        if mode == "thread":
-            raise InvalidRequestError("mode 'thread' is not available in this release yet: use chat, plan, dta, "
-                                      "react or hogwild", param="mode")
+        from agentrt.threads import ThreadOptions
+
+        if isinstance(thread_options, dict):
+            try:
+                thread_options = ThreadOptions(**thread_options)
+            except TypeError as exc:
+                raise InvalidRequestError(f"thread_options: {exc}", param="thread_options") from None
+        self.thread_options = thread_options or ThreadOptions()
         if not isinstance(workers, int) or workers < 1:
             raise InvalidRequestError(f"workers must be a positive integer, got {workers!r}", param="workers")
         self.workers = workers
@@ -99,6 +116,7 @@ class Agent(Generic[T]):
                                       param="tool_choice")
         self.tool_choice = tool_choice
         self.grammar_options = dict(grammar_options or {})  # JsonSchema caps: max_string_length, ...
+        self.approve = approve
         self.params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
         self._model, self._device = model, device
         self._backend: Backend | None = None
@@ -157,6 +175,8 @@ class Agent(Generic[T]):
 
     # --- modes ----------------------------------------------------------------------------------
     async def _run(self, prompt: str, emit: Callable, history: list[dict]) -> None:
+        if self.mode == "thread":
+            return await self._thread(prompt, emit)
         if self.mode == "chat":
             text, calls, messages, steps = await self._chat(prompt, emit, history)
         elif self.mode == "hogwild":
@@ -197,11 +217,15 @@ class Agent(Generic[T]):
             messages.extend({"role": "tool", "tool_call_id": e.call_id, "content": e.observation} for e in ends)
         raise AssertionError("unreachable: the last turn offers no tools")
 
-    def _offered(self, prompt: str) -> list[dict]:
+    def _selected(self, prompt: str):
+        """The registry, trimmed to the `tool_top_k` tools relevant to `prompt` (Tool RAG) when asked."""
         reg = self.registry
         if self.tool_top_k is not None and len(reg) > self.tool_top_k:
             reg = reg.select(prompt, k=self.tool_top_k) or reg
-        return [{"type": "function", "function": spec} for spec in reg.specs()]
+        return reg
+
+    def _offered(self, prompt: str) -> list[dict]:
+        return [{"type": "function", "function": spec} for spec in self._selected(prompt).specs()]
 
     async def _call_tools(self, calls, emit: Callable) -> list[ToolEnd]:
         ends: list[ToolEnd | None] = [None] * len(calls)
@@ -218,7 +242,7 @@ class Agent(Generic[T]):
             elif not isinstance(args, dict):
                 ends[i] = ToolEnd(call.id, call.name, False, "Error: the arguments are not a JSON object")
             else:
-                r = await tool.invoke(args)
+                r = await self._invoke(tool, args, call)
                 ends[i] = ToolEnd(call.id, call.name, r.ok, r.observation(), r.value)
             await emit(ends[i])
 
@@ -226,6 +250,14 @@ class Agent(Generic[T]):
             for i, call in enumerate(calls):
                 tg.start_soon(one, i, call)
         return [e for e in ends if e is not None]
+
+    async def _invoke(self, tool, args: dict, call):
+        """Run a tool; one with side effects only when `approve` allows it, else its refusal is the result."""
+        from agentrt.planner import ask_approval, refusal
+
+        if tool.side_effects and not await ask_approval(self.approve, tool, args, call):
+            return refusal(tool)
+        return await tool.invoke(args)
 
     async def _planned(self, prompt: str, emit: Callable) -> tuple[str, list[ToolEnd], list[dict], int]:
         from agentrt import planner
@@ -237,7 +269,9 @@ class Agent(Generic[T]):
 
         question = f"{self.instructions}\n\n{prompt}" if self.instructions else prompt
         runner = {"plan": planner.run_plan, "dta": planner.run_dta, "react": planner.run_react}[self.mode]
-        kwargs = {"max_steps": self.max_steps} if self.mode == "react" else {}
+        kwargs: dict[str, Any] = {"max_steps": self.max_steps} if self.mode == "react" else {}
+        if self.approve is not None:  # the default executor refuses side effects
+            kwargs["executor"] = planner.Executor(self.registry, approve=self.approve)
         run = await runner(question, llm, self.registry, tool_top_k=self.tool_top_k, **kwargs)
         calls = []
         for tid, task in sorted(run.state.tasks.items()):
@@ -263,6 +297,49 @@ class Agent(Generic[T]):
         await emit(TextDelta(answer))
         return answer, [], [{"role": "assistant", "content": t} for t in result.texts], result.steps
 
+    async def _thread(self, prompt: str, emit: Callable) -> None:
+        """TIM-style thread: one tree, tools inside the generation, KV pruning (local engine; a remote
+        backend runs tools between requests without pruning and says so in `notes`)."""
+        from dataclasses import replace
+
+        from pydantic import TypeAdapter
+
+        from agentrt.threads import run_thread
+
+        options = self.thread_options
+        if self.tool_choice == "required":
+            options = replace(options, require_tool=True)
+        started = 0
+
+        async def on_event(ev) -> None:
+            nonlocal started
+            if ev.kind == "tool_call":
+                started += 1
+                args = ev.data["arguments"] if isinstance(ev.data["arguments"], dict) else {}
+                await emit(ToolStart(f"call_{started}", ev.data["tool_name"], args))
+            elif ev.kind == "tool_end":
+                await emit(_tool_end(started, ev.data))
+
+        typed = self.output_type is not str
+        tools = self._selected(prompt)
+        executor = None
+        if self.approve is not None:  # the default executor refuses side effects
+            from agentrt.planner import Executor
+
+            executor = Executor(tools, approve=self.approve, default_timeout=options.tool_timeout)
+        result = await run_thread(self.backend, prompt, tools, options=options, executor=executor,
+                                  answer_schema=self.output_type if typed else None, params=self.params,
+                                  instructions=self.instructions, on_event=on_event, **self.grammar_options)
+        result.raise_for_incomplete()
+        answer = result.answer
+        text = answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)
+        await emit(TextDelta(text))
+        output = TypeAdapter(self.output_type).validate_python(answer) if typed else text
+        calls = [_tool_end(i, c) for i, c in enumerate(result.tool_calls, 1)]
+        messages = [{"role": "assistant", "content": result.text}]
+        await emit(Final(RunResult(output, text, self.mode, calls, messages, len(calls) + 1, result.tree,
+                                   result.notes)))
+
     async def _structure(self, prompt: str, answer: str) -> T:
         """Decode the final value under output_type's JSON schema."""
         from pydantic import TypeAdapter
@@ -285,3 +362,9 @@ class Agent(Generic[T]):
             raise InvalidRequestError(f"the structured answer was cut at max_tokens={self.params.max_tokens}: "
                                       "raise max_tokens", param="max_tokens")
         return adapter.validate_json(result.content)
+
+
+def _tool_end(index: int, call) -> ToolEnd:
+    """A thread-mode tool call (agentrt.threads.ThreadToolCall) as the SDK's ToolEnd event."""
+    r = call.result
+    return ToolEnd(f"call_{index}", call.tool_name, r.ok, r.observation(), r.value)

@@ -216,8 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
     s.set_defaults(fn=cmd_serve)
 
-    b = sub.add_parser("bench", help="run a benchmark from bench/ (engine, ...)")
-    b.add_argument("suite")
+    b = sub.add_parser("bench", help="run a benchmark from bench/ (engine, grammar, planner, hogwild, threads, "
+                                     "bfcl); its own options follow, e.g. `agentrt bench threads --json OUT`")
+    b.add_argument("suite", help="a module of bench/: engine, grammar, planner, hogwild, threads, bfcl")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)
     return p

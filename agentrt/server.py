@@ -97,11 +97,12 @@ class AgentRunRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input: str = Field(min_length=1)
-    mode: str = "plan"  # plan | dta | react | hogwild
+    mode: str = "plan"  # plan | dta | react | hogwild | thread
     max_replans: int = Field(2, ge=0, le=10)
     workers: int = Field(4, ge=1, le=16)  # hogwild only
     max_tokens: int = Field(512, ge=1)
     temperature: float = 0.0
+    thread: dict[str, Any] | None = None  # thread only: agentrt.threads.ThreadOptions fields
 
 
 def create_app(engine, *, api_key: str | None = None, model_names: list[str] | None = None,
@@ -190,12 +191,17 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
     async def agent_runs(body: AgentRunRequest) -> Response:
         from agentrt.tools import ToolRegistry
 
-        if body.mode not in ("plan", "dta", "react", "hogwild"):
-            raise InvalidRequestError(f"mode {body.mode!r} is not one of plan, dta, react, hogwild", param="mode")
+        if body.mode not in ("plan", "dta", "react", "hogwild", "thread"):
+            raise InvalidRequestError(f"mode {body.mode!r} is not one of plan, dta, react, hogwild, thread",
+                                      param="mode")
         params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature)
         if body.mode == "hogwild":
             return StreamingResponse(_hogwild_events(engine, body, params), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
+        if body.mode == "thread":
+            options = _thread_options(body.thread)
+            events = _thread_events(backend, ToolRegistry(tools or []), body.input, options, params)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         if not tools:
             raise InvalidRequestError("no tools are registered on this server", param="tools")
         return StreamingResponse(_agent_events(backend, ToolRegistry(tools), body, params),
@@ -209,9 +215,8 @@ async def _agent_events(backend, registry, body: AgentRunRequest, params: Sampli
     from agentrt import planner
 
     state = planner.ExecutionState()
-    send, receive = anyio.create_memory_object_stream[dict](1024)
 
-    def on_span(kind: str, span) -> None:
+    def on_span(send, kind: str, span) -> None:
         event: dict[str, Any] = {"type": {"task": "task", "start": "tool_start", "end": "tool_end"}[kind],
                                  "id": span.task_id, "tool": span.tool}
         if kind == "task":
@@ -221,20 +226,30 @@ async def _agent_events(backend, registry, body: AgentRunRequest, params: Sampli
             event.update(ok=result.ok, observation=result.observation(1000), seconds=round(span.duration, 4))
         send.send_nowait(event)
 
-    state.trace.listeners.append(on_span)
-
     def llm(prompt: str, grammar: str | None):
         return backend.text(prompt, grammar, params)
+
+    async def produce(send) -> None:
+        state.trace.listeners.append(lambda kind, span: on_span(send, kind, span))
+        runner = {"plan": planner.run_plan, "dta": planner.run_dta, "react": planner.run_react}[body.mode]
+        kwargs = {"max_replans": body.max_replans} if body.mode == "plan" else {}
+        result = await runner(body.input, llm, registry, state=state, **kwargs)
+        await send.send({"type": "final", "answer": result.answer, "rounds": result.rounds,
+                         "tasks": len(result.state.tasks),
+                         "ok": sum(r.ok for r in result.state.results.values())})
+
+    async for line in _sse_events(produce):
+        yield line
+
+
+async def _sse_events(produce):
+    """SSE lines of the events `produce(send)` sends, then [DONE]; an agentrt error becomes an error event."""
+    send, receive = anyio.create_memory_object_stream[dict](1024)
 
     async def run() -> None:
         async with send:
             try:
-                runner = {"plan": planner.run_plan, "dta": planner.run_dta, "react": planner.run_react}[body.mode]
-                kwargs = {"max_replans": body.max_replans} if body.mode == "plan" else {}
-                result = await runner(body.input, llm, registry, state=state, **kwargs)
-                await send.send({"type": "final", "answer": result.answer, "rounds": result.rounds,
-                                 "tasks": len(result.state.tasks),
-                                 "ok": sum(r.ok for r in result.state.results.values())})
+                await produce(send)
             except AgentrtError as exc:
                 await send.send({"type": "error", "error": json.loads(_error_for(exc).body)["error"]})
 
@@ -258,6 +273,53 @@ async def _hogwild_events(engine, body: AgentRunRequest, params: SamplingParams)
         event = {"type": "error", "error": json.loads(_error_for(exc).body)["error"]}
     yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def _thread_options(fields: dict[str, Any] | None):
+    from agentrt.threads import ThreadOptions
+
+    try:
+        return ThreadOptions(**(fields or {}))
+    except TypeError as exc:
+        raise InvalidRequestError(f"thread: {exc}", param="thread") from None
+
+
+async def _thread_events(backend, registry, question: str, options, params: SamplingParams):
+    """SSE events of a thread run: task, tool_start, tool_end, prune, answer, then final (the whole tree
+    and what was pruned), then [DONE]."""
+    from agentrt.threads import run_thread
+
+    def event_of(ev) -> dict | None:
+        path = list(ev.path)
+        if ev.kind == "task":
+            return {"type": "task", "path": path}
+        if ev.kind == "tool_call":
+            return {"type": "tool_start", "path": path, "tool": ev.data["tool_name"],
+                    "args": ev.data["arguments"]}
+        if ev.kind == "tool_end":
+            r = ev.data.result
+            return {"type": "tool_end", "path": path, "tool": ev.data.tool_name, "ok": r.ok,
+                    "observation": r.observation(1000), "seconds": round(ev.data.seconds, 4)}
+        if ev.kind == "prune":
+            return {"type": "prune", "path": path, **ev.data}
+        if ev.kind == "answer":
+            return {"type": "answer", "answer": ev.data}
+        return None
+
+    async def produce(send) -> None:
+        async def on_event(ev) -> None:
+            event = event_of(ev)
+            if event is not None:
+                await send.send(event)
+
+        result = await run_thread(backend, question, registry, options=options, params=params,
+                                  on_event=on_event)
+        result.raise_for_incomplete()
+        await send.send({"type": "final", "answer": result.answer, "tree": result.tree,
+                         "stats": result.stats.to_dict(), "notes": result.notes})
+
+    async for line in _sse_events(produce):
+        yield line
 
 
 def _sampling(body: ChatCompletionRequest, prompt_len: int, max_context: int) -> SamplingParams:

@@ -63,8 +63,9 @@ def test_timeout_is_a_clear_error(tiny_engine):
     assert tiny_engine.pool.num_in_use == 0
 
 
-@pytest.mark.parametrize("kwargs,param", [({"mode": "bogus"}, "mode"), ({"mode": "thread"}, "mode"),
-                                          ({"tool_choice": "never"}, "tool_choice"), ({"workers": 0}, "workers")])
+@pytest.mark.parametrize("kwargs,param", [({"mode": "bogus"}, "mode"), ({"tool_choice": "never"}, "tool_choice"),
+                                          ({"workers": 0}, "workers"), ({"thread_options": {"buffer": -1}}, "buffer"),
+                                          ({"thread_options": {"depth": 2}}, "thread_options")])
 def test_bad_options_are_rejected(kwargs, param):
     with pytest.raises(InvalidRequestError) as err:
         agentrt.Agent("tiny-random", **kwargs)
@@ -125,3 +126,95 @@ def test_hogwild_mode_runs_workers_over_the_shared_cache(tiny_engine):
     assert result.mode == "hogwild" and len(result.messages) == 3  # one transcript per worker
     assert result.steps >= 1 and isinstance(result.output, str)
     assert tiny_engine.pool.num_in_use == 0
+
+
+class Sum(BaseModel):
+    total: Annotated[int, Field(ge=0, le=999)]
+
+
+def test_thread_mode_returns_the_tree_its_tool_calls_and_a_typed_answer(tiny_engine):
+    from agentrt.threads import ThreadSchema
+
+    agent = agentrt.Agent(LocalBackend(tiny_engine), tools=[pick], mode="thread", tool_choice="required",
+                          output_type=Sum, max_tokens=800, thread_options={"max_depth": 2, "max_text_chars": 3})
+
+    async def collect():
+        return [ev async for ev in agent.stream("pick a digit and double it")]
+
+    events = anyio.run(collect)
+    result = events[-1].result
+    assert result.mode == "thread" and isinstance(result.output, Sum)
+    assert result.tree["answer"] == result.output.model_dump()
+    first = result.tree["reasoning"][0]["tooluse"]  # tool_choice="required": the first task calls a tool
+    assert first["tool_name"] == "pick" and first["tool_result"] == first["parameters"]["n"] * 2
+    starts = [e for e in events if isinstance(e, ToolStart)]
+    ends = [e for e in events if isinstance(e, ToolEnd)]
+    assert [e.call_id for e in starts] == [e.call_id for e in ends] == [c.call_id for c in result.tool_calls]
+    assert result.tool_calls[0].value == first["tool_result"]
+    import jsonschema
+
+    jsonschema.validate(result.tree, ThreadSchema([pick], max_depth=2, answer_schema=Sum).json_schema())
+    assert tiny_engine.pool.num_in_use == 0
+
+
+@pytest.mark.slow
+def test_thread_mode_on_smollm2_puts_a_real_calculator_result_into_the_tree(smol_engine):
+    from agentrt.tools import calculator
+    from agentrt.tools._calculator import evaluate
+
+    agent = agentrt.Agent(LocalBackend(smol_engine), tools=[calculator], mode="thread", tool_choice="required",
+                          max_tokens=300, thread_options={"max_depth": 2, "max_text_chars": 48, "max_items": 2})
+    result = agent.run_sync("Use the calculator: what is 12 * 7?")
+    use = result.tree["reasoning"][0]["tooluse"]
+    assert use["tool_name"] == "calculator"
+    assert use["tool_result"] == evaluate(use["parameters"]["expression"])
+    assert result.tool_calls and result.tool_calls[0].ok
+
+
+DELETED: list[int] = []
+
+
+@agentrt.tool(side_effects=True)
+def delete(n: Annotated[int, Field(ge=0, le=9)]) -> str:
+    """Delete record n.
+
+    Args:
+        n: The record.
+    """
+    DELETED.append(n)
+    return f"deleted {n}"
+
+
+def _delete_run(tiny_engine, **kwargs):
+    DELETED.clear()
+    agent = agentrt.Agent(LocalBackend(tiny_engine), tools=[delete], tool_choice="required", max_steps=2,
+                          max_tokens=32, **kwargs)
+    return agent.run_sync("delete a record")
+
+
+def test_an_approved_side_effect_runs_and_the_approver_sees_the_call(tiny_engine):
+    asked = []
+
+    def approve(tool, args, call):
+        asked.append((tool.name, args, call.name, call.id))
+        return True
+
+    result = _delete_run(tiny_engine, approve=approve)
+    assert result.tool_calls and all(c.ok for c in result.tool_calls)
+    assert sorted(DELETED) == sorted(args["n"] for _, args, _, _ in asked)  # each asked call ran, once
+    assert {call_id for *_, call_id in asked} == {c.call_id for c in result.tool_calls}
+    assert all(tool_name == call_name == "delete" for tool_name, _, call_name, _ in asked)
+
+
+@pytest.mark.parametrize("approver", ["refuses", "async refuses", "none"])
+def test_a_side_effect_not_approved_does_not_run_and_the_model_hears_why(tiny_engine, approver):
+    async def no(tool, args, call):
+        return False
+
+    kwargs = {"refuses": {"approve": lambda tool, args, call: False}, "async refuses": {"approve": no},
+              "none": {}}[approver]
+    result = _delete_run(tiny_engine, **kwargs)
+    assert DELETED == []
+    assert result.tool_calls and not any(c.ok for c in result.tool_calls)
+    refusals = [m["content"] for m in result.messages if m["role"] == "tool"]
+    assert refusals == ["Error (refused): delete has side effects and was not approved"] * len(result.tool_calls)

@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Annotated
 
 import httpx
 import jsonschema
 import pytest
+from pydantic import Field
 
 from agentrt.server import create_app
 from agentrt.testing import LiveServer
+from agentrt.tools import tool
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather for a city",
@@ -317,3 +320,27 @@ def test_agent_run_in_hogwild_mode(tiny_engine):
     assert status == 200 and events[-1]["type"] == "final"
     assert len(events[-1]["workers"]) == 3 and events[-1]["generated_tokens"] <= 24
     assert tiny_engine.pool.num_in_use == 0
+
+
+@tool
+def double(n: Annotated[int, Field(ge=0, le=9)]) -> int:
+    """Double a digit."""
+    return 2 * n
+
+
+def test_agent_run_in_thread_mode_streams_tree_events_and_the_whole_tree(tiny_engine):
+    app = create_app(tiny_engine, model_names=["tiny-random"], tools=[double])
+    options = {"max_depth": 2, "max_text_chars": 3, "max_items": 2, "require_tool": True, "buffer": 0}
+    status, events = _events(app, {"input": "double a digit", "mode": "thread", "max_tokens": 600,
+                                   "thread": options})
+    assert status == 200
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "task" and kinds[-1] == "final", events[-1]
+    assert kinds.index("tool_start") < kinds.index("tool_end")
+    tree = events[-1]["tree"]
+    use = tree["reasoning"][0]["tooluse"]
+    assert use["tool_name"] == "double" and use["tool_result"] == 2 * use["parameters"]["n"]
+    assert events[-1]["answer"] == tree["answer"] and events[-1]["stats"]["tool_calls"] >= 1
+    assert tiny_engine.pool.num_in_use == 0
+    status, _ = _events(app, {"input": "x", "mode": "thread", "thread": {"depth": 2}})
+    assert status == 400
