@@ -62,10 +62,10 @@ class DecodeGraphs:
         return (0 < num_tokens <= self.max_tokens and num_rows <= self.max_rows
                 and longest <= self.width * self.page_size)
 
-    def _views(self, flat, b: int) -> DecodeInput:
+    def _views(self, flat, b: int, num_logits: int | None = None) -> DecodeInput:
         m, w = self.max_tokens, self.width
         head = flat[:_FIELDS * m].reshape(_FIELDS, m)
-        rows = flat[_FIELDS * m:self._head]
+        rows = flat[_FIELDS * m:self._head][:num_logits]
         table = flat[self._head:self._head + m * w].reshape(m, w)
         delta = flat[self._head + m * w:].reshape(m, w)[:b] if self.views else None
         return DecodeInput(head[0, :b], head[1, :b], head[2, :b], table[:b], head[3, :b], rows, delta)
@@ -92,8 +92,9 @@ class DecodeGraphs:
             dev.key_delta[:rows, :cols].copy_(src.key_delta[:rows, :cols], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
-        if self.device.type != "cuda":  # no graphs off CUDA: the same fused step, run eagerly
-            out = self.model.decode(dev, self.pool.k, self.pool.v, self.page_size)
+        if self.device.type != "cuda":  # no graphs off CUDA: the same fused step, run eagerly, no padding
+            eager = self._views(self._dev, rows, num_logits)
+            out = self.model.decode(eager, self.pool.k, self.pool.v, self.page_size)
         else:
             graph, out = self._graph(b)
             graph.replay()
