@@ -137,6 +137,8 @@ class Engine:
 
             cuda_graphs = triton_ready(self.device) and _graphable(cfg)
         self._masks: torch.Tensor | None = None  # grammar bitmasks, reused step to step
+        # a CUDA forward returns before it is computed: outputs are delivered while it runs
+        self._async_forward = self.device.type == "cuda"
         self._graphs = self._view_graphs = None
         if cuda_graphs:
             from agentrt.cuda_graphs import DecodeGraphs
@@ -311,10 +313,12 @@ class Engine:
                     cmd = self._commands.get_nowait()
                 except queue.Empty:
                     cmd = None
-            self._flush()
+            if not self._async_forward:
+                self._flush()
             if self._closed:
                 for req in [*self._running, *self._waiting]:
                     self._finish(req, "cancelled", error=EngineClosedError("the engine was closed"))
+                self._flush()
                 return
             if self._running or self._waiting:
                 try:
@@ -323,6 +327,7 @@ class Engine:
                     log.exception("engine step failed")
                     for req in list(self._running):
                         self._finish(req, "cancelled", error=EngineError(f"engine step failed: {exc}"))
+            if not (self._async_forward and self._can_step()):  # else the next step delivers, see step()
                 self._flush()
 
     def _can_step(self) -> bool:
@@ -441,6 +446,7 @@ class Engine:
                 self._finish(req, "cancelled", error=KVCacheError(str(exc)))
             return
         if not work:
+            self._flush()
             return
         sampling = [w for w in work if w.samples]
         constrained = [(i, w.req.constraint) for i, w in enumerate(sampling) if w.req.constraint is not None]
@@ -451,6 +457,8 @@ class Engine:
             if not self.mask_overlap:
                 masks_done.result()
         logits = self._forward(work)  # [M, V]
+        if self._async_forward:  # the device is computing: the last step's outputs go out meanwhile
+            self._flush()
         if masks_done is not None:
             masks_done.result()
             import xgrammar
