@@ -94,11 +94,9 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         kg = k_pool[slots.clamp(min=0)]  # [B, T, KV, D]
         vg = v_pool[slots.clamp(min=0)]
         if key_delta is not None:
-            from agentrt.model import Rotary
+            from agentrt.model import Rotary, rope_cos_sin
 
-            ang = key_delta[:, :t].float()[..., None] * inv_freq  # [B, T, D/2]
-            emb = torch.cat((ang, ang), dim=-1)
-            kg = Rotary.apply(kg.float(), emb.cos(), emb.sin()).to(kg.dtype)
+            kg = Rotary.apply(kg.float(), *rope_cos_sin(key_delta[:, :t], inv_freq)).to(kg.dtype)  # [B, T, KV, D]
         qg = q.view(b, kv, rep, d)  # grouped query heads attend as rows of their KV head
         bias = torch.zeros(b, 1, 1, t, dtype=q.dtype, device=q.device).masked_fill(~valid[:, None, None], float("-inf"))
         o = F.scaled_dot_product_attention(qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=bias)

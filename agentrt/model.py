@@ -94,9 +94,7 @@ class Rotary(nn.Module):
 
     def cos_sin(self, positions: torch.Tensor, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [...] -> cos, sin: [..., D] in fp32
-        freqs = positions.to(torch.float32)[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
         if scaled and self.scaling != 1.0:
             cos, sin = cos * self.scaling, sin * self.scaling
         return cos, sin
@@ -116,6 +114,13 @@ class Rotary(nn.Module):
         freqs = delta.to(torch.float64)[..., None] * self.inv_freq.to(torch.float64)
         emb = torch.cat((freqs, freqs), dim=-1)
         return self.apply(x.to(torch.float64), emb.cos(), emb.sin()).to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscaled RoPE cos/sin: positions [...] (or position deltas) -> [..., D] fp32 each."""
+    freqs = positions.to(torch.float32)[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
 
 
 class RMSNorm(nn.Module):
