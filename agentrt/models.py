@@ -197,33 +197,36 @@ def _save_model_dir(out: Path, model, tok) -> Path:
     return out
 
 
-def _prepare_tiny_random() -> Path:
-    out = agentrt_home() / "models" / f"{TINY_RANDOM}-{_TINY_VERSION}"
+@dataclass(frozen=True)
+class RandomModel:
+    """A seeded random-weight model over SmolLM2's tokenizer (vocab_size defaults to the tokenizer's)."""
+
+    dir_name: str  # under $AGENTRT_HOME/models; version it when the config or the init changes
+    model_type: str
+    config: dict
+    dtype: str
+
+
+RANDOM_MODELS: dict[str, RandomModel] = {
+    TINY_RANDOM: RandomModel(f"{TINY_RANDOM}-{_TINY_VERSION}", "llama", TINY_CONFIG, "float32"),
+    QWEN2_SHAPE: RandomModel(QWEN2_SHAPE, "qwen2", QWEN2_SHAPE_CONFIG, "bfloat16"),
+}
+
+
+def _prepare_random(name: str) -> Path:
+    spec = RANDOM_MODELS[name]
+    out = agentrt_home() / "models" / spec.dir_name
     if _is_complete(out):
         return out
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(_embedded_tokenizer_dir(DEFAULT_MODEL))
-    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         **TINY_CONFIG)
+    config = AutoConfig.for_model(spec.model_type, **{"vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
+                                                      "eos_token_id": tok.eos_token_id, **spec.config})
     torch.manual_seed(TINY_SEED)
-    model = LlamaForCausalLM(config).float()
-    return _save_model_dir(out, model, tok)
-
-
-def _prepare_qwen2_shape() -> Path:
-    out = agentrt_home() / "models" / QWEN2_SHAPE
-    if _is_complete(out):
-        return out
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(_embedded_tokenizer_dir(DEFAULT_MODEL))
-    config = Qwen2Config(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **QWEN2_SHAPE_CONFIG)
-    torch.manual_seed(TINY_SEED)
-    log.info("building %s (random weights, %s)", QWEN2_SHAPE, out)
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    log.info("building %s (random weights, %s)", name, out)
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, spec.dtype))
     return _save_model_dir(out, model, tok)
 
 
@@ -243,10 +246,8 @@ def resolve_model(name: str | os.PathLike[str] = DEFAULT_MODEL) -> Path:
     name = str(name)
     if name in EMBEDDED:
         return _prepare_embedded(name)
-    if name == TINY_RANDOM:
-        return _prepare_tiny_random()
-    if name == QWEN2_SHAPE:
-        return _prepare_qwen2_shape()
+    if name in RANDOM_MODELS:
+        return _prepare_random(name)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
