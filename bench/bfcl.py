@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.common import model_parser
+
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bfcl"
 ARMS = ("constrained", "unconstrained")
 
@@ -377,13 +379,10 @@ def print_report(outcomes: list[Outcome]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="agentrt bench bfcl", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    ap = model_parser("bfcl", __doc__)
     ap.add_argument("--category", nargs="+", default=None, help="default: every category in the data dir")
     ap.add_argument("--limit", type=int, default=None, help="first N cases of each category")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"BFCL v4 files (default {DEFAULT_DATA})")
-    ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
     ap.add_argument("--max-tokens", type=int, default=256, help="per reply (default 256)")
     ap.add_argument("--arm", choices=ARMS, nargs="+", default=list(ARMS))

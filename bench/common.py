@@ -1,10 +1,23 @@
-"""What every benchmark ends with: print its table, and write its JSON when asked."""
+"""What every benchmark shares: its common options, and its end (print the table, write the JSON when asked)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
+
+
+def model_parser(suite: str, doc: str | None, repeats: int | None = None) -> argparse.ArgumentParser:
+    """`agentrt bench SUITE`'s parser with the options every model benchmark takes: --model, --device,
+    --json, and --repeats when `repeats` (its default) is given."""
+    ap = argparse.ArgumentParser(prog=f"agentrt bench {suite}", description=(doc or "").splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    ap.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON to OUT")
+    if repeats is not None:
+        ap.add_argument("--repeats", type=int, default=repeats)
+    return ap
 
 
 def report(result: dict, print_table: Callable[[dict], None], json_path: str | None) -> int:

@@ -8,14 +8,13 @@ Run: `agentrt bench engine [--model smollm2-135m] [--tokens 64] [--json OUT]` fr
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import time
 
 import torch
 
-from bench.common import report
+from bench.common import model_parser, report
 
 PROMPT = ("You are a careful assistant. Read the question, think about which tools you would need, "
           "and answer briefly. Question: which three cities have hosted the Summer Olympics more than once, "
@@ -219,13 +218,9 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="agentrt bench engine", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--device", default=None)
+    ap = model_parser("engine", __doc__, repeats=3)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     result = run(args.model, args.tokens, args.batch, args.repeats, args.device)
     return report(result, print_table, args.json)

@@ -10,7 +10,6 @@ Run: `agentrt bench grammar [--model smollm2-135m] [--tokens 64] [--json OUT]` f
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import statistics
@@ -18,7 +17,7 @@ import time
 
 import torch
 
-from bench.common import report
+from bench.common import model_parser, report
 
 SCHEMA = {"type": "object", "properties": {
     "fruits": {"type": "array", "items": {"type": "object", "properties": {
@@ -136,13 +135,9 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="agentrt bench grammar", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap = model_parser("grammar", __doc__, repeats=3)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     result = run(args.model, args.tokens, args.batch, args.repeats, args.device)
     return report(result, print_table, args.json)

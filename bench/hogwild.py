@@ -10,13 +10,12 @@ Run: `agentrt bench hogwild [--model smollm2-135m] [--tokens 192] [--workers 1 2
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 
 import torch
 
-from bench.common import report
+from bench.common import model_parser, report
 
 TASK = ("Plan a three-day trip to Rome for a family of four on a budget: list the sights for each day, "
         "where to eat, how to get around, and estimate the total cost.")
@@ -102,13 +101,9 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="agentrt bench hogwild", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--device", default=None)
+    ap = model_parser("hogwild", __doc__, repeats=2)
     ap.add_argument("--tokens", type=int, default=192, help="total generated tokens, all workers together")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     result = run(args.model, args.tokens, args.workers, args.repeats, args.device)
     return report(result, print_table, args.json)

@@ -12,12 +12,11 @@ Run: `agentrt bench threads [--model smollm2-135m] [--tokens 3000] [--buffer 1] 
 
 from __future__ import annotations
 
-import argparse
 
 import anyio
 import torch
 
-from bench.common import report
+from bench.common import model_parser, report
 
 # (target fraction) -> (top-level task chars, subtasks per top task, leaves per subtask, subtask chars)
 FAMILIES = {0.0: (8, 0, 0, 0), 0.5: (4, 1, 0, 4), 0.9: (4, 3, 3, 4)}
@@ -112,14 +111,10 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="agentrt bench threads", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--device", default=None)
+    ap = model_parser("threads", __doc__, repeats=1)
     ap.add_argument("--tokens", type=int, default=3000, help="generated tokens per tree (about)")
     ap.add_argument("--fracs", type=float, nargs="+", default=sorted(FAMILIES), choices=sorted(FAMILIES))
     ap.add_argument("--buffer", type=int, default=1, help="closed subtask lists kept (TIM's pruning buffer)")
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     result = run(args.model, args.tokens, args.fracs, args.buffer, args.repeats, args.device)
     return report(result, print_table, args.json)
