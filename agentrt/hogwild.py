@@ -365,11 +365,14 @@ class HogwildPool:
 
     def _join(self, w: _Worker) -> None:
         # Re-rotate the finished step once to where it now sits in every view (the history comes
-        # first in all of them), so later forwards need not re-rotate it per view and layer.
+        # first in all of them), so later forwards need not re-rotate it per view and layer. Its
+        # tokens were written at their writer's view positions, which jump whenever another worker's
+        # step (placed before it) grew: the move is per token, onto dense positions.
         offset = sum(len(b.ids) for b in self._common)
         seq = w.block.seq
-        if seq.length and seq.positions[0] != offset:
-            self.pool.reposition(seq, 0, seq.length, offset - seq.positions[0], self.engine.model.rotary)
+        moves = [offset + i - p for i, p in enumerate(seq.positions)]
+        if any(moves):
+            self.pool.reposition(seq, 0, seq.length, moves, self.engine.model.rotary)
             w.block._keys = None
         self._common.append(w.block)
         w.block, w.ending, w.step = self._new_block(), False, w.step + 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -183,20 +184,24 @@ class KVPool:
         seq.freed = True
 
     # --- pruning and re-positioning (thread mode) -------------------------------------------
-    def reposition(self, seq: KVSequence, start: int, end: int, delta: int, rotary) -> None:
-        """Move tokens [start, end) by `delta` positions, re-rotating their cached keys (no recompute)."""
+    def reposition(self, seq: KVSequence, start: int, end: int, delta: int | Sequence[int], rotary) -> None:
+        """Move tokens [start, end) by `delta` positions (one for all, or one per token), re-rotating their
+        cached keys (no recompute)."""
         if not 0 <= start <= end <= seq.length:
             raise KVCacheError(f"span [{start}, {end}) outside a sequence of {seq.length} tokens")
-        if delta == 0 or start == end:
+        deltas = [delta] * (end - start) if isinstance(delta, int) else list(delta)
+        if len(deltas) != end - start:
+            raise KVCacheError(f"{len(deltas)} deltas for a span of {end - start} tokens")
+        if not any(deltas):
             return
         for i in range(start // self.page_size, (end - 1) // self.page_size + 1):
             self._make_private(seq, i)
         slots = self.slots(seq, start, end)
-        d = torch.full((end - start,), delta, device=self.k.device)
+        d = torch.tensor(deltas, device=self.k.device)
         # k[:, slots]: [L, n, KV, D], rotated for every layer at once
         self.k[:, slots] = rotary.rotate_by(self.k[:, slots].float(), d).to(self.k.dtype)
-        for i in range(start, end):
-            seq.positions[i] += delta
+        for i, moved in zip(range(start, end), deltas):
+            seq.positions[i] += moved
         seq.canonical = False
 
     def prune(self, seq: KVSequence, start: int, end: int, rotary=None) -> None:

@@ -109,6 +109,23 @@ def test_views_equal_a_plain_forward_over_their_cached_kv(tiny_engine, fused):
     assert run_with_views(tiny_engine, check, fused=fused) >= 30
 
 
+def test_finished_steps_join_the_history_at_dense_positions(tiny_engine):
+    # A step's tokens are written at their writer's view positions, which jump whenever another
+    # worker's step (placed before it) grows. Joining must move every token onto the history's dense
+    # positions, once: otherwise each view re-rotates the whole history in every layer and step.
+    header = tiny_engine.tokenizer.encode(CollaborationPrompts().others_header, add_special_tokens=False)
+    joined = []
+
+    def check(view):
+        ids = view.token_ids
+        history = max(i for i in range(len(ids)) if ids[i:i + len(header)] == header)
+        assert torch.equal(view.stored_positions[:history], torch.arange(history))
+        joined.append(history)
+
+    run_with_views(tiny_engine, check)
+    assert max(joined) > min(joined)  # steps did join during the run
+
+
 @pytest.mark.parametrize("params", [SamplingParams(), SAMPLED], ids=["greedy", "sampled"])
 def test_one_worker_is_plain_generation(tiny_engine, params):
     prompt = tiny_engine.chat_prompt([{"role": "user", "content": TASK}])

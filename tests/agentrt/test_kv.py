@@ -183,3 +183,23 @@ def test_reposition_moves_keys_without_recompute(tiny_parts):
     b = KVSequence()
     run_ours(model, pool, b, tokens, positions=list(range(5, 35)))
     assert (pool.k[:, pool.slots(a)] - pool.k[:, pool.slots(b)]).abs().max().item() <= 1e-4
+
+
+def test_reposition_moves_each_token_by_its_own_delta(tiny_parts):
+    """Tokens written at gapped positions, moved token by token onto dense ones: the first layer's keys
+    (which depend on nothing but token and position) equal a prefill at the dense positions."""
+    model, _, _ = tiny_parts
+    cfg = model.cfg
+    pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16, 16)
+    tokens = list(range(300, 320))
+    gapped = [3 * i + (i % 2) for i in range(len(tokens))]
+    a = KVSequence()
+    run_ours(model, pool, a, tokens, positions=gapped)
+    dense = list(range(40, 60))
+    pool.reposition(a, 0, a.length, [d - g for d, g in zip(dense, gapped)], model.rotary)
+    assert a.positions == dense
+    b = KVSequence()
+    run_ours(model, pool, b, tokens, positions=dense)
+    assert (pool.k[0, pool.slots(a)] - pool.k[0, pool.slots(b)]).abs().max().item() <= 1e-4
+    with pytest.raises(KVCacheError, match="3 deltas for a span of 20"):
+        pool.reposition(a, 0, a.length, [1, 2, 3], model.rotary)
