@@ -88,7 +88,7 @@ class Agent(Generic[T]):
                  timeout: float | None = None, temperature: float = 0.0, max_tokens: int = 512,
                  tool_top_k: int | None = None, tool_choice: str = "auto", grammar_options: dict | None = None,
                  workers: int = 4, thread_options: Any = None, approve: Approver | None = None,
-                 device: str | None = None) -> None:
+                 device: str | None = None, dtype: str | None = None) -> None:
         from agentrt.tools import ToolRegistry
 
         if mode not in MODES:
@@ -118,13 +118,13 @@ class Agent(Generic[T]):
         self.grammar_options = dict(grammar_options or {})  # JsonSchema caps: max_string_length, ...
         self.approve = approve
         self.params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-        self._model, self._device = model, device
+        self._model, self._device, self._dtype = model, device, dtype
         self._backend: Backend | None = None
 
     @property
     def backend(self) -> Backend:
         if self._backend is None:
-            self._backend = open_backend(self._model, device=self._device)
+            self._backend = open_backend(self._model, device=self._device, dtype=self._dtype)
         return self._backend
 
     # --- entry points ---------------------------------------------------------------------------

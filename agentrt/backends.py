@@ -150,9 +150,10 @@ class RemoteBackend:
         await self.http.aclose()
 
 
-def open_backend(model: Any = None, *, device: str | None = None) -> Backend:
+def open_backend(model: Any = None, *, device: str | None = None, dtype: str | None = None) -> Backend:
     """A backend for `model`: a Backend or Engine as is, `openai:<base_url>#<model>` for a remote
-    server, anything else a model name, directory or hub id for the local engine."""
+    server, anything else a model name, directory or hub id for the local engine (on `device`, in
+    `dtype`: see `Engine.load`)."""
     from agentrt.engine import Engine
     from agentrt.models import DEFAULT_MODEL
 
@@ -167,4 +168,4 @@ def open_backend(model: Any = None, *, device: str | None = None) -> Backend:
         if not url or not name:
             raise InvalidRequestError("remote models are written openai:<base_url>#<model>", param="model")
         return RemoteBackend(url, name)
-    return LocalBackend(Engine.load(model, device=device), owns_engine=True)
+    return LocalBackend(Engine.load(model, device=device, dtype=dtype), owns_engine=True)

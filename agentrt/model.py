@@ -18,9 +18,35 @@ from torch import nn
 from agentrt import kernels
 from agentrt.errors import UnsupportedModelError
 
-__all__ = ["ModelConfig", "Rotary", "AttentionGroup", "BatchInput", "DecodeInput", "Transformer", "load_transformer"]
+__all__ = ["ModelConfig", "Rotary", "AttentionGroup", "BatchInput", "DecodeInput", "Transformer", "load_transformer",
+           "resolve_dtype"]
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # models.DTYPE_CHOICES
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
+    """The weights' dtype: as given, or for None / "auto" bf16 wherever the hardware computes it natively.
+
+    That is every CUDA GPU we run on, and CPUs with AVX512-BF16 or AMX: there a decode step streams half
+    the bytes and oneDNN's bf16 GEMM keeps small batches nearly free (on a 2-core EPYC, batch 1 is 1.2x
+    faster than fp32 and batch 4 costs 1.14x batch 1, against 1.5x in fp32). Other CPUs emulate bf16,
+    so they stay in fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, "auto"):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+
+
+def _cpu_has_native_bf16() -> bool:
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
 @dataclass

@@ -55,6 +55,9 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 }
 QWEN2_SHAPE = "qwen2-0.5b-random"
 MODEL_CHOICES = [*EMBEDDED, TINY_RANDOM, QWEN2_SHAPE]
+# --dtype: "auto" is bf16 where the hardware runs it natively, else float32 (agentrt.model.resolve_dtype)
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_HELP = "weights' dtype (auto: bf16 on CUDA and on CPUs with native bf16, else float32)"
 
 # tiny-random: small enough that a forward takes microseconds, large enough to exercise GQA.
 TINY_CONFIG = dict(
@@ -141,6 +144,7 @@ def _mark_complete(model_dir: Path) -> None:
 def _prepare_embedded(name: str) -> Path:
     out = agentrt_home() / "models" / name
     if _is_complete(out):
+        _drop_gguf_quantization(out)  # directories prepared before it was dropped at the source
         return out
     spec = EMBEDDED[name]
     gguf_path = _fetch_gguf(name, spec)
@@ -160,11 +164,22 @@ def _prepare_embedded(name: str) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
+    _drop_gguf_quantization(tmp)
     tok.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.replace(out)
     _mark_complete(out)
     return out
+
+
+def _drop_gguf_quantization(model_dir: Path) -> None:
+    """The config keeps the GGUF's `quantization_config`, but the weights are plain dequantised
+    tensors: left in, transformers attaches a GGUF quantizer to a plain model and warns about packed
+    weights on every load."""
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _embedded_tokenizer_dir(name: str) -> Path:

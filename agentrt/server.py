@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from agentrt.chat import ChatEvent, ChatOptions, ChatResult, prepare_chat, stream_chat
+from agentrt.chat import ChatOptions, ChatResult, prepare_chat, stream_chat
 from agentrt.errors import (AgentrtError, ContextLengthError, EngineClosedError, InvalidRequestError,
                             ModelNotFoundError)
 from agentrt.sampling import SamplingParams
@@ -377,7 +377,7 @@ async def _sse(engine, prompt_ids, matcher, params, rid: str, model: str, includ
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          device: str | None = None) -> None:
+          device: str | None = None, dtype: str | None = None) -> None:
     """Load `model` and serve it until interrupted (what `agentrt serve` runs). The agent-runs
     extension gets the calculator; register your own tools with `create_app(..., tools=[...])`."""
     import uvicorn
@@ -385,7 +385,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     from agentrt.engine import Engine
     from agentrt.tools import calculator
 
-    engine = Engine.load(model, device=device)
+    engine = Engine.load(model, device=device, dtype=dtype)
     try:
         uvicorn.run(create_app(engine, api_key=api_key, tools=[calculator]), host=host, port=port,
                     log_level="info")

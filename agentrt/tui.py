@@ -116,7 +116,7 @@ def chat_tools(workspace: str | Path = ".") -> list[Tool]:
     return [calculator, *workspace_tools(workspace)]
 
 
-def local_agents(*, device: str | None = None, max_tokens: int = 512) -> AgentFactory:
+def local_agents(*, device: str | None = None, dtype: str | None = None, max_tokens: int = 512) -> AgentFactory:
     """Agents over one model at a time: a new mode reuses the loaded backend, a new model loads its own
     (ChatApp closes the old agent, and with it the backend it owned)."""
     from agentrt.backends import open_backend
@@ -126,7 +126,7 @@ def local_agents(*, device: str | None = None, max_tokens: int = 512) -> AgentFa
     def make(model: str, mode: str, tools: list[Tool]) -> Agent:
         if model not in loaded:
             loaded.clear()
-            loaded[model] = open_backend(model, device=device)
+            loaded[model] = open_backend(model, device=device, dtype=dtype)
         # write_file takes whole files: no string cap (a call near max_tokens is still steered to close)
         return Agent(loaded[model], tools, mode=mode, max_tokens=max_tokens,
                      instructions=INSTRUCTIONS if mode == "chat" else None,
@@ -477,13 +477,13 @@ def _with_history(history: list[dict], prompt: str, max_chars: int = 2000) -> st
 
 
 async def run_chat(*, model: str, mode: str = "chat", workspace: str | Path = ".", device: str | None = None,
-                   max_tokens: int = 512) -> None:
+                   dtype: str | None = None, max_tokens: int = 512) -> None:
     """`agentrt chat` in a real terminal; input history is kept in $AGENTRT_HOME/chat_history."""
     from agentrt.models import agentrt_home
 
     home = agentrt_home()
     home.mkdir(parents=True, exist_ok=True)
-    app = ChatApp(local_agents(device=device, max_tokens=max_tokens), Console(),
+    app = ChatApp(local_agents(device=device, dtype=dtype, max_tokens=max_tokens), Console(),
                   PromptInput(history_file=home / "chat_history"), model=model, mode=mode,
                   tools=chat_tools(workspace))
     app.console.print(f"[dim]workspace: {Path(workspace).resolve()}[/]")

@@ -423,7 +423,7 @@ async def _serve_and_run(args: argparse.Namespace, cases: list[Case]) -> tuple[l
     from agentrt.engine import Engine
     from agentrt.server import create_app
 
-    engine = Engine.load(args.model, device=args.device)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
     try:
         app = create_app(engine, model_names=[args.model])
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://agentrt/v1",

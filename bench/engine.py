@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bench.common import model_parser, report
+from bench.common import machine, model_parser, report, where
 
 PROMPT = ("You are a careful assistant. Read the question, think about which tools you would need, "
           "and answer briefly. Question: which three cities have hosted the Summer Olympics more than once, "
@@ -156,13 +156,14 @@ def graph_step_ms(engine, batch: int, context: int = 128, repeats: int = 50) -> 
     return out
 
 
-def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: str | None) -> dict:
+def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: str | None,
+        dtype: str | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     from agentrt.engine import Engine
     from agentrt.models import resolve_model
 
-    engine = Engine.load(model_name, device=device)
+    engine = Engine.load(model_name, device=device, dtype=dtype)
     dev = engine.device
     hf = AutoModelForCausalLM.from_pretrained(resolve_model(model_name), dtype=engine.model.embed.weight.dtype)
     hf = hf.to(dev).eval()
@@ -185,7 +186,7 @@ def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: 
             for path, ms in graph_step_ms(engine, batch).items():
                 steps.append({"path": path, "batch": batch, "ms_per_step": round(ms, 3)})
     engine.close()
-    return {"model": model_name, "device": str(dev), "threads": torch.get_num_threads(), "steps": steps,
+    return {"model": model_name, **machine(engine), "steps": steps,
             "prompt_tokens": len(_prompts(engine, 1)[0]), "prefill_prompt_tokens": len(long_prompt),
             "decode_tokens": tokens, "rows": rows}
 
@@ -194,7 +195,7 @@ def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"engine: {result['model']} on {result['device']} ({result['threads']} threads)")
+    t = Table(title=f"engine: {result['model']} ({where(result)})")
     for col in ("batch", "path", "ms/step", "tok/s", "prefill tok/s", "speedup vs transformers"):
         t.add_column(col, justify="right")
     by = {(r["path"], r["batch"]): r for r in result["rows"]}
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     args = ap.parse_args(argv)
-    result = run(args.model, args.tokens, args.batch, args.repeats, args.device)
+    result = run(args.model, args.tokens, args.batch, args.repeats, args.device, args.dtype)
     return report(result, print_table, args.json)
 
 

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bench.common import model_parser, report
+from bench.common import machine, model_parser, report, where
 
 SCHEMA = {"type": "object", "properties": {
     "fruits": {"type": "array", "items": {"type": "object", "properties": {
@@ -69,7 +69,8 @@ def _hf_ms(model, tok, prompt, tokens, processor) -> float:
     return (s.times[-1] - s.times[0]) / max(len(s.times) - 1, 1) * 1000
 
 
-def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: str | None = None) -> dict:
+def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: str | None = None,
+        dtype: str | None = None) -> dict:
     import xgrammar
     from transformers import AutoModelForCausalLM
     from xgrammar.contrib.hf import LogitsProcessor
@@ -79,7 +80,8 @@ def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: 
     from agentrt.models import resolve_model
     from agentrt.sampling import SamplingParams
 
-    engine = Engine.load(model_name, device=device)
+    engine = Engine.load(model_name, device=device, dtype=dtype)
+    default_overlap = engine.mask_overlap
     dev, dtype = engine.device, engine.model.embed.weight.dtype
     compiler = GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size)
     compiled = compiler.compile(JsonSchema(SCHEMA))
@@ -99,7 +101,7 @@ def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: 
             engine.mask_overlap = overlap
             ms = statistics.median(_engine_ms(engine, prompts, params, factory)[0] for _ in range(repeats))
             rows.append({"path": path, "batch": batch, "ms_per_token": round(ms, 2)})
-    engine.mask_overlap = True
+    engine.mask_overlap = default_overlap
     mask = sorted(engine.mask_seconds)
     hf = AutoModelForCausalLM.from_pretrained(resolve_model(model_name), dtype=dtype).to(dev).eval()
     prompt = engine.chat_prompt([{"role": "user", "content": QUESTION}])
@@ -114,7 +116,7 @@ def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: 
         rows.append({"path": path, "batch": 1, "ms_per_token": round(ms, 2)})
     engine.close()
     pct = (lambda q: round(mask[min(len(mask) - 1, int(q * len(mask)))] * 1e6, 1)) if mask else (lambda q: None)
-    return {"model": model_name, "device": str(dev), "threads": torch.get_num_threads(), "tokens": tokens,
+    return {"model": model_name, **machine(engine), "tokens": tokens,
             "rows": rows, "mask_us": {"p50": pct(0.5), "p99": pct(0.99)}}
 
 
@@ -122,7 +124,7 @@ def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"grammar: {result['model']} on {result['device']} ({result['threads']} threads)")
+    t = Table(title=f"grammar: {result['model']} ({where(result)})")
     for col in ("batch", "path", "ms/token", "vs unconstrained"):
         t.add_column(col, justify="right")
     base = {r["batch"]: r["ms_per_token"] for r in result["rows"] if r["path"] == "agentrt unconstrained"}
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     args = ap.parse_args(argv)
-    result = run(args.model, args.tokens, args.batch, args.repeats, args.device)
+    result = run(args.model, args.tokens, args.batch, args.repeats, args.device, args.dtype)
     return report(result, print_table, args.json)
 
 

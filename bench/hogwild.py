@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-import torch
 
-from bench.common import model_parser, report
+from bench.common import machine, model_parser, report, where
 
 TASK = ("Plan a three-day trip to Rome for a family of four on a budget: list the sights for each day, "
         "where to eat, how to get around, and estimate the total cost.")
@@ -63,22 +62,24 @@ def engine_batch(engine, workers: int, tokens: int) -> float:
     return done / (max(s[-1] for s in stamps) - start)
 
 
-def run(model: str, tokens: int, workers: list[int], repeats: int, device: str | None) -> dict:
+def run(model: str, tokens: int, workers: list[int], repeats: int, device: str | None,
+        dtype: str | None = None) -> dict:
     from agentrt.engine import Engine
 
-    engine = Engine.load(model, device=device)
+    engine = Engine.load(model, device=device, dtype=dtype)
     try:
         measure(engine, 2, 16)  # warm-up
-        rows = []
-        for n in workers:
-            runs = [measure(engine, n, tokens) for _ in range(repeats)]
-            best = max(runs, key=lambda r: r["tok_s"])  # best of: the machine may be shared
-            best["engine_tok_s"] = round(max(engine_batch(engine, n, tokens) for _ in range(repeats)), 2)
-            rows.append(best)
+        runs: dict[int, list[dict]] = {n: [] for n in workers}
+        refs: dict[int, list[float]] = {n: [] for n in workers}
+        for _ in range(repeats):  # interleaved, best of: the machine may be shared
+            for n in workers:
+                runs[n].append(measure(engine, n, tokens))
+                refs[n].append(engine_batch(engine, n, tokens))
+        rows = [{**max(runs[n], key=lambda r: r["tok_s"]), "engine_tok_s": round(max(refs[n]), 2)} for n in workers]
         assert engine.pool.num_in_use == 0
     finally:
         engine.close()
-    return {"model": model, "device": str(engine.device), "threads": torch.get_num_threads(),
+    return {"model": model, **machine(engine),
             "total_tokens": tokens, "repeats": repeats, "rows": rows}
 
 
@@ -86,7 +87,7 @@ def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"hogwild: {result['model']} on {result['device']} ({result['threads']} threads), "
+    t = Table(title=f"hogwild: {result['model']} ({where(result)}), "
                     f"{result['total_tokens']} tokens in total, best of {result['repeats']}")
     for col in ("workers", "tok/s", "wall s", "batched steps", "tok/s vs 1 worker", "wall vs 1 worker",
                 "engine, N requests: tok/s"):
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=192, help="total generated tokens, all workers together")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
     args = ap.parse_args(argv)
-    result = run(args.model, args.tokens, args.workers, args.repeats, args.device)
+    result = run(args.model, args.tokens, args.workers, args.repeats, args.device, args.dtype)
     return report(result, print_table, args.json)
 
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 
 import anyio
-import torch
 
-from bench.common import model_parser, report
+from bench.common import machine, model_parser, report, where
 
 # (target fraction) -> (top-level task chars, subtasks per top task, leaves per subtask, subtask chars)
 FAMILIES = {0.0: (8, 0, 0, 0), 0.5: (4, 1, 0, 4), 0.9: (4, 3, 3, 4)}
@@ -67,11 +66,12 @@ def measure(backend, shape, pruning: bool, buffer: int) -> dict:
             "seconds": round(s.decode_seconds, 2)}
 
 
-def run(model: str, tokens: int, fracs: list[float], buffer: int, repeats: int, device: str | None) -> dict:
+def run(model: str, tokens: int, fracs: list[float], buffer: int, repeats: int, device: str | None,
+        dtype: str | None = None) -> dict:
     from agentrt.backends import LocalBackend
     from agentrt.engine import Engine
 
-    engine = Engine.load(model, device=device)
+    engine = Engine.load(model, device=device, dtype=dtype)
     backend = LocalBackend(engine)
     rows = []
     try:
@@ -88,7 +88,7 @@ def run(model: str, tokens: int, fracs: list[float], buffer: int, repeats: int, 
         assert engine.pool.num_in_use == 0
     finally:
         engine.close()
-    return {"model": model, "device": str(engine.device), "threads": torch.get_num_threads(),
+    return {"model": model, **machine(engine),
             "buffer": buffer, "tokens": tokens, "repeats": repeats, "rows": rows}
 
 
@@ -96,7 +96,7 @@ def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"threads: {result['model']} on {result['device']} ({result['threads']} threads), "
+    t = Table(title=f"threads: {result['model']} ({where(result)}), "
                     f"pruning buffer {result['buffer']}, best of {result['repeats']}")
     for col in ("prunable", "pruning", "tokens", "tok/s", "x off", "peak KV", "x off", "pruned", "recomp."):
         t.add_column(col, justify="right")
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fracs", type=float, nargs="+", default=sorted(FAMILIES), choices=sorted(FAMILIES))
     ap.add_argument("--buffer", type=int, default=1, help="closed subtask lists kept (TIM's pruning buffer)")
     args = ap.parse_args(argv)
-    result = run(args.model, args.tokens, args.fracs, args.buffer, args.repeats, args.device)
+    result = run(args.model, args.tokens, args.fracs, args.buffer, args.repeats, args.device, args.dtype)
     return report(result, print_table, args.json)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import torch
+
 
 def agentrt(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "agentrt.cli", *args], capture_output=True, text=True,
@@ -20,6 +22,19 @@ def test_generate_streams_the_completion_to_stdout():
     with Engine.load("tiny-random", device="cpu") as engine:
         expected = engine.generate_sync("Hello there", SamplingParams(max_tokens=6)).text
     assert proc.stdout == expected + "\n"
+
+
+def test_dtype_option_picks_the_weights_dtype():
+    from agentrt.engine import Engine
+    from agentrt.sampling import SamplingParams
+
+    proc = agentrt("generate", "--model", "tiny-random", "--dtype", "float32", "--raw", "--max-tokens", "6", "Hi")
+    assert proc.returncode == 0, proc.stderr
+    with Engine.load("tiny-random", device="cpu", dtype="float32") as engine:
+        assert engine.model.embed.weight.dtype is torch.float32
+        assert proc.stdout == engine.generate_sync("Hi", SamplingParams(max_tokens=6)).text + "\n"
+    bad = agentrt("generate", "--model", "tiny-random", "--dtype", "fp8", "hi")
+    assert bad.returncode == 2 and "invalid choice: 'fp8'" in bad.stderr
 
 
 def test_unknown_model_exits_nonzero_with_the_choices():

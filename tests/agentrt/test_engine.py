@@ -219,14 +219,27 @@ class EvenTokensOnly:
         del self.accepted[len(self.accepted) - num_tokens:]
 
 
-def test_token_mask_hook_constrains_every_step(tiny_engine):
-    eos = tiny_engine.tokenizer.eos_token_id
-    c = EvenTokensOnly(tiny_engine.vocab_size, eos)
+@pytest.mark.parametrize("overlap", [True, False], ids=["masks during the forward", "masks before it"])
+def test_token_mask_hook_constrains_every_step(make_engine, overlap):
+    engine = make_engine(mask_overlap=overlap)
+    eos = engine.tokenizer.eos_token_id
+    c = EvenTokensOnly(engine.vocab_size, eos)
     assert isinstance(c, TokenConstraint)
-    out = tiny_engine.generate_sync([11, 12, 13], SamplingParams(max_tokens=50, temperature=1.0, seed=1), c)
+    out = engine.generate_sync([11, 12, 13], SamplingParams(max_tokens=50, temperature=1.0, seed=1), c)
     assert out.finish_reason == "stop" and not out.incomplete
     assert len(out.token_ids) == 5 and all(t % 2 == 0 for t in out.token_ids)
     assert c.masks == 6 and c.is_terminated()
+
+
+def test_masks_overlap_the_forward_only_where_their_thread_gets_a_core(make_engine, monkeypatch):
+    import os
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert make_engine().mask_overlap is False  # the forward's threads hold every core
+    assert make_engine(mask_overlap=True).mask_overlap is True
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert make_engine().mask_overlap is True
 
 
 def test_constrained_output_cut_by_max_tokens_is_marked_incomplete(tiny_engine):

