@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="talk to an agent in the terminal (tools, live plans, approvals)")
     model_opts(c)
-    c.add_argument("--mode", choices=("chat", "plan", "dta", "react"), default="chat")
+    c.add_argument("--mode", choices=("chat", "plan", "dta", "react", "thread", "hogwild"), default="chat")
     c.add_argument("--workspace", default=".", help="the folder the file tools may read and write (default: here)")
     c.add_argument("--max-tokens", type=int, default=512)
     c.set_defaults(fn=cmd_chat)

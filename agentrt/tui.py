@@ -2,7 +2,9 @@
 
 `ChatApp` is the whole loop (messages, slash commands, approvals, Ctrl-C) over an agent factory, a
 rich Console and an input source, so it runs headless in tests; `run_chat` puts a real terminal
-around it. Plan, dta and react runs drive the planner directly, as `agentrt demo` does, to draw the DAG live.
+around it. Plan, dta and react runs drive the planner directly, as `agentrt demo` does, to draw the DAG live;
+thread and hogwild runs (one generation each: a reasoning tree with tools inside it, or workers over one
+KV cache) show their tool calls as they happen and the answer at the end.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from agentrt.tools import Tool, ToolRegistry, ToolResult, calculator, workspace_
 __all__ = ["AgentFactory", "ApprovalGate", "ChatApp", "InputSource", "PromptInput", "Turn", "chat_tools",
            "local_agents", "run_chat"]
 
-CHAT_MODES = ("chat", "plan", "dta", "react")
+CHAT_MODES = ("chat", "plan", "dta", "react", "thread", "hogwild")
 COMMANDS = {
     "/help": "this list",
     "/tools": "the tools the agent can call",
@@ -278,7 +280,7 @@ class ChatApp:
                     tg.start_soon(view.animate)
                     view.live.start()
                     try:
-                        await (self._chat if self.mode == "chat" else self._planned)(turn, view)
+                        await self._runner()(turn, view)
                     finally:
                         view.live.stop()
                         tg.cancel_scope.cancel()
@@ -301,11 +303,26 @@ class ChatApp:
             task_status.started()
             await anyio.sleep_forever()
 
+    def _runner(self) -> Callable[[Turn, _TurnView], Awaitable[None]]:
+        if self.mode == "chat":
+            return self._chat
+        return self._streamed if self.mode in ("thread", "hogwild") else self._planned
+
     async def _chat(self, turn: Turn, view: _TurnView) -> None:
+        result = await self._follow(turn, view, self.agent.stream(turn.prompt, history=self.history))
+        self.history = result.messages[1:] if self.agent.instructions else result.messages
+
+    async def _streamed(self, turn: Turn, view: _TurnView) -> None:
+        """Thread and hogwild runs: the conversation so far rides in the prompt (as in plan modes)."""
+        await self._follow(turn, view, self.agent.stream(_with_history(self.history, turn.prompt)))
+        self.history += [{"role": "user", "content": turn.prompt}, {"role": "assistant", "content": turn.text}]
+
+    async def _follow(self, turn: Turn, view: _TurnView, stream: AsyncIterator) -> Any:
+        """Draw an agent's events as they come (text, tool starts and ends); the run's result."""
         trace = self.trace = Trace()
         ids: dict[str, int] = {}
         result = None
-        async with contextlib.aclosing(self.agent.stream(turn.prompt, history=self.history)) as events:
+        async with contextlib.aclosing(stream) as events:
             async for ev in events:
                 if isinstance(ev, TextDelta):
                     view.text += ev.text
@@ -326,7 +343,7 @@ class ChatApp:
                     result = ev.result
         assert result is not None
         turn.text = result.text
-        self.history = result.messages[1:] if self.agent.instructions else result.messages
+        return result
 
     async def _planned(self, turn: Turn, view: _TurnView) -> None:
         from agentrt import planner

@@ -15,6 +15,7 @@ from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
 from agentrt import Agent, tool
+from agentrt.tools import calculator
 from agentrt.backends import LocalBackend
 from agentrt.tui import COMMANDS, ChatApp, PromptInput
 
@@ -26,8 +27,9 @@ def chat_app(engine, *, tools=None, max_tokens=24, tool_choice="auto"):
 
     def factory(model, mode, tools):
         agent = Agent(backend, tools, mode=mode, max_tokens=max_tokens, max_steps=2, temperature=1.0,
-                      tool_choice=tool_choice if mode == "chat" else "auto",
-                      grammar_options={"max_string_length": 6})  # lets a random model finish its calls
+                      tool_choice=tool_choice if mode in ("chat", "thread") else "auto", workers=2,
+                      grammar_options={"max_string_length": 6},  # lets a random model finish its calls
+                      thread_options={"max_depth": 2, "max_text_chars": 3})  # and its reasoning trees
         agent.params.seed = 0  # greedy tiny-random writes only newlines; a seeded sample writes words
         return agent
 
@@ -210,4 +212,29 @@ def test_plan_mode_draws_the_dag_and_keeps_its_trace(tiny_engine, tmp_path):
         assert turn.error is None and app.history[-1] == {"role": "assistant", "content": turn.text}
         run(app.handle, f"/trace {tmp_path / 'plan.json'}")
         assert "traceEvents" in json.loads((tmp_path / "plan.json").read_text())
+    wait_until_free(tiny_engine)
+
+
+def test_thread_mode_shows_the_tool_calls_made_inside_the_generation(tiny_engine):
+    with chat_app(tiny_engine, tools=[calculator], tool_choice="required", max_tokens=800) as (app, _pipe, console):
+        run(app.handle, "/mode thread")
+        turn = run(app.handle, "What is 2 + 3?", seconds=120)
+        assert turn.error is None and not turn.cancelled
+        assert turn.tools and all(t.name == "calculator" for t in turn.tools)  # the tree's first task calls it
+        out = console.export_text()
+        assert "mode thread" in out and "⚙ calculator(" in out
+        assert app.history[-2:] == [{"role": "user", "content": "What is 2 + 3?"},
+                                    {"role": "assistant", "content": turn.text}]
+        second = run(app.handle, "And 4 + 4?", seconds=120)  # the conversation rides in the prompt
+        assert second.error is None and len(app.history) == 4
+    wait_until_free(tiny_engine)
+
+
+def test_hogwild_mode_answers_from_workers_over_one_cache(tiny_engine):
+    with chat_app(tiny_engine, tools=[], max_tokens=48) as (app, _pipe, console):
+        run(app.handle, "/mode hogwild")
+        turn = run(app.handle, "Name three colours.", seconds=120)
+        assert turn.error is None and turn.text
+        assert app.history[-1] == {"role": "assistant", "content": turn.text}
+        assert "mode hogwild" in console.export_text()
     wait_until_free(tiny_engine)
