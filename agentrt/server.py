@@ -52,6 +52,9 @@ class ChatCompletionRequest(BaseModel):
     n: int = 1
     guided_grammar: str | None = None  # extension (vLLM's name): decode under this EBNF
     ebnf: str | None = None  # the same extension under SGLang's name
+    # extension: caps on tool arguments and json_schema replies for this request, e.g.
+    # {"max_string_length": 512} or {"max_string_length": null} (defaults: grammar.TOOL_ARGUMENT_CAPS)
+    grammar_options: dict[str, Any] | None = None
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -148,7 +151,8 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
             raise InvalidRequestError("only n=1 is supported", param="n")
         options = ChatOptions(tools=body.tools or [], tool_choice=body.tool_choice or "auto",
                               parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format,
-                              grammar=body.guided_grammar or body.ebnf)
+                              grammar=body.guided_grammar or body.ebnf,
+                              schema_options=_grammar_options(body.grammar_options))
         prompt_ids, matcher = await prepare_chat(engine, compiler, body.messages, options)
         params = _sampling(body, len(prompt_ids), engine.max_context)
         rid = f"chatcmpl-{secrets.token_hex(12)}"
@@ -273,6 +277,17 @@ async def _hogwild_events(engine, body: AgentRunRequest, params: SamplingParams)
         event = {"type": "error", "error": json.loads(_error_for(exc).body)["error"]}
     yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def _grammar_options(fields: dict[str, Any] | None) -> dict[str, Any]:
+    """The request's caps (each a positive integer or null: checked where the grammar is built)."""
+    from agentrt.grammar import TOOL_ARGUMENT_CAPS
+
+    unknown = sorted(set(fields or {}) - set(TOOL_ARGUMENT_CAPS))
+    if unknown:
+        raise InvalidRequestError(f"grammar_options: unknown {', '.join(unknown)}; the caps are "
+                                  f"{', '.join(TOOL_ARGUMENT_CAPS)}", param="grammar_options")
+    return dict(fields or {})
 
 
 def _thread_options(fields: dict[str, Any] | None):

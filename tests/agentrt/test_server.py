@@ -217,6 +217,8 @@ OK = {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}], "
      400, None),
     ({"response_format": {"type": "yaml"}}, 400, "response_format"),
     ({"max_tokens": 10**9}, 400, "messages"),
+    ({"tools": [WEATHER], "grammar_options": {"max_length": 3}}, 400, "grammar_options"),
+    ({"tools": [WEATHER], "grammar_options": {"max_string_length": 0}}, 400, "max_string_length"),
 ])
 def test_bad_requests_get_openai_shaped_errors(tiny_engine, change, status, param):
     r = post(create_app(tiny_engine, model_names=["tiny-random"]), {**OK, **change})
@@ -225,6 +227,20 @@ def test_bad_requests_get_openai_shaped_errors(tiny_engine, change, status, para
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     if param is not None:
         assert err["param"] == param
+    assert tiny_engine.pool.num_in_use == 0
+
+
+def test_grammar_options_cap_this_requests_tool_arguments(tiny_engine):
+    app = create_app(tiny_engine, model_names=["tiny-random"])
+    body = {**OK, "max_tokens": 120, "temperature": 1.0, "seed": 0, "tools": [WEATHER], "tool_choice": "required"}
+    cities = []
+    for cap in (3, None):  # None: this request lifts the default cap (the schema's maxLength 40 stays)
+        r = post(app, {**body, "grammar_options": {"max_string_length": cap}})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        cities.append(json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"])["city"])
+    assert len(cities[0]) <= 3 < len(cities[1]) <= 40
     assert tiny_engine.pool.num_in_use == 0
 
 
