@@ -27,7 +27,7 @@ from agentrt.control import SequenceController, SequenceHandle
 from agentrt.errors import (ContextLengthError, EngineClosedError, EngineError, InvalidRequestError,
                             KVCacheError)
 from agentrt.kv import KVPool, KVSequence, OutOfPagesError
-from agentrt.model import AttentionGroup, BatchInput, Transformer
+from agentrt.model import AttentionGroup, BatchInput, Transformer, shared_prefix
 from agentrt.sampling import Detokenizer, SamplingParams, StopChecker, sample
 
 __all__ = ["Engine", "Output", "Completion", "feed_sequence"]
@@ -534,7 +534,9 @@ class Engine:
             for i, s in enumerate(decode_slots):
                 padded[i, :len(s)] = s
                 mask[i, 0, 0, :len(s)] = True
-            groups.append(AttentionGroup(torch.tensor(decode_rows).view(-1, 1), padded, mask))
+            # requests whose prompts share cached pages read those keys once (cascade, on CPU)
+            shared = shared_prefix(padded, [len(s) for s in decode_slots])
+            groups.append(AttentionGroup(torch.tensor(decode_rows).view(-1, 1), padded, mask, shared=shared))
         dev = self.device
         return BatchInput(
             input_ids=torch.tensor(ids, device=dev),

@@ -31,7 +31,7 @@ import torch
 from agentrt.constraint import TokenConstraint, allocate_bitmask
 from agentrt.errors import EngineClosedError, EngineError, InvalidRequestError
 from agentrt.kv import KVSequence
-from agentrt.model import AttentionGroup, BatchInput
+from agentrt.model import AttentionGroup, BatchInput, shared_prefix
 from agentrt.sampling import SamplingParams, sample
 
 __all__ = ["CollaborationPrompts", "HogwildPool", "HogwildResult", "ViewRecord"]
@@ -518,7 +518,8 @@ class HogwildPool:
             moved = g_delta.to(dev) if bool(g_delta.any()) else None  # None: every key where it was written
             # the history is re-positioned as it joins (see _join): its keys need no rotation per view
             still = int((g_delta != 0).int().argmax(dim=1)[g_delta.any(dim=1)].min()) if moved is not None else 0
-            groups.append(AttentionGroup(g_rows.to(dev), g_slots.to(dev), g_mask.to(dev), moved, still))
+            shared = shared_prefix(g_slots, [slots[r].numel() - q for r in members], g_delta)
+            groups.append(AttentionGroup(g_rows.to(dev), g_slots.to(dev), g_mask.to(dev), moved, still, shared))
         last = [f + q - 1 for f, q in zip(first, qs)]
         batch = BatchInput(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
                            torch.cat(writes).to(dev), groups, torch.tensor(last, device=dev))

@@ -35,6 +35,27 @@ def test_concurrent_greedy_outputs_equal_each_run_alone(make_engine):
     assert engine.pool.num_in_use == 0
 
 
+def test_requests_sharing_cached_pages_read_them_once_and_decode_as_alone(make_engine, monkeypatch):
+    # cascade attention: the keys of pages the prefix cache shares are attended once for all rows
+    import agentrt.model
+
+    calls = []
+    cascade = agentrt.model._cascade
+    monkeypatch.setattr(agentrt.model, "_cascade", lambda *a: calls.append(1) or cascade(*a))
+    monkeypatch.setattr(agentrt.model, "CASCADE_FROM", 16)
+    common = prompts(4)[3] * 2  # 64 tokens: four full pages every request shares
+    asks = [common + p[:2 + i] for i, p in enumerate(prompts(4))]
+    engine = make_engine()
+    alone = [engine.generate_sync(p, GREEDY).token_ids for p in asks]
+    assert not calls  # one row at a time: nothing to share
+
+    async def together():
+        return await asyncio.gather(*(engine.generate(p, GREEDY) for p in asks))
+
+    assert [c.token_ids for c in asyncio.run(together())] == alone
+    assert calls
+
+
 def test_chunked_prefill_matches_a_single_chunk(make_engine):
     p = prompts(12)[-1]  # 104 tokens
     big = make_engine(max_batch_tokens=1024).generate_sync(p, GREEDY).token_ids

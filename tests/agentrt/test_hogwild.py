@@ -83,10 +83,22 @@ def one_layer_engine(tiny_parts, make_engine):
     engine.close()
 
 
-# fused: the views as slot tables with key deltas through the fused step (what runs on a GPU, in
-# CUDA graphs); plain: attention groups gathering and re-rotating keys
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
-def test_views_give_the_logits_of_a_fresh_prefill_of_their_text(one_layer_engine, fused):
+@pytest.fixture(params=["plain", "cascade", "fused"])
+def path(request, monkeypatch):
+    """plain: attention groups gathering each view's keys and re-rotating the moved ones; cascade: the
+    same, with the history the views share read once for all of them (CPU); fused: the views as slot
+    tables with key deltas through the fused step (what runs on a GPU, in CUDA graphs)."""
+    import agentrt.model
+
+    calls = []
+    cascade = agentrt.model._cascade
+    monkeypatch.setattr(agentrt.model, "_cascade", lambda *a: calls.append(1) or cascade(*a))
+    monkeypatch.setattr(agentrt.model, "CASCADE_FROM", 1 if request.param == "cascade" else 10**9)
+    yield request.param
+    assert bool(calls) == (request.param == "cascade")  # each path ran as named
+
+
+def test_views_give_the_logits_of_a_fresh_prefill_of_their_text(one_layer_engine, path):
     # One layer: a token's K/V depend on nothing but the token and its position, so the view's logits
     # must equal a fresh prefill of the view's tokens at dense positions, whatever each token saw.
     engine = one_layer_engine
@@ -95,18 +107,17 @@ def test_views_give_the_logits_of_a_fresh_prefill_of_their_text(one_layer_engine
         want = fresh_prefill_logits(engine.model, view.token_ids)
         assert (view.logits - want).abs().max() <= 1e-4
 
-    assert run_with_views(engine, check, fused=fused) >= 30
+    assert run_with_views(engine, check, fused=path == "fused") >= 30
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
-def test_views_equal_a_plain_forward_over_their_cached_kv(tiny_engine, fused):
+def test_views_equal_a_plain_forward_over_their_cached_kv(tiny_engine, path):
     # Any depth: the batched, padded, re-rotated forward equals an ordinary forward over the same
     # cached K/V laid out densely (deeper K/V keep the context their writer saw: see agentrt.hogwild).
     def check(view):
         want = dense_copy_logits(tiny_engine.model, tiny_engine.pool, view)
         assert (view.logits - want).abs().max() <= 1e-4
 
-    assert run_with_views(tiny_engine, check, fused=fused) >= 30
+    assert run_with_views(tiny_engine, check, fused=path == "fused") >= 30
 
 
 def test_finished_steps_join_the_history_at_dense_positions(tiny_engine):

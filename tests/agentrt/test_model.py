@@ -120,3 +120,31 @@ def test_an_unknown_dtype_is_a_clear_error():
     with pytest.raises(InvalidRequestError, match="dtype 'fp8' is not one of auto, float32, bfloat16") as exc:
         Engine.load("tiny-random", device="cpu", dtype="fp8")
     assert exc.value.param == "dtype"
+
+
+def test_cascade_attention_equals_gathering_every_row(tiny_parts):
+    """Rows that share cached pages: reading the shared keys once (cascade, merged by log-sum-exp)
+    gives the logits of gathering every row's keys, on rows of different lengths (padding masked)."""
+    from agentrt.model import AttentionGroup, BatchInput
+
+    model, _, _ = tiny_parts
+    pool = pool_for(model)
+    base, forks = KVSequence(), []
+    run_ours(model, pool, base, list(range(100, 148)))  # 48 tokens: three full pages
+    for i in range(4):
+        fork = pool.fork(base)
+        run_ours(model, pool, fork, list(range(300 + i, 300 + 2 * i + 3)))  # 3..9 tokens of its own
+        forks.append(fork)
+    n, t = len(forks), max(f.length for f in forks) + 1
+    ids, positions = torch.tensor([7, 8, 9, 10]), torch.tensor([f.length for f in forks])
+    writes = torch.cat([pool.append(f, 1) for f in forks])
+    slots = torch.zeros(n, t, dtype=torch.long)
+    mask = torch.zeros(n, 1, 1, t, dtype=torch.bool)
+    for i, f in enumerate(forks):
+        slots[i, :f.length], mask[i, 0, 0, :f.length] = pool.slots(f), True
+    logits = {}
+    for shared in (0, 48):
+        group = AttentionGroup(torch.arange(n).view(-1, 1), slots, mask, shared=shared)
+        logits[shared] = model(BatchInput(ids, positions, writes, [group], torch.arange(n)), pool.k, pool.v)
+    assert torch.equal(slots[:, :48], slots[:1, :48].expand(n, 48))  # the shared pages really are shared
+    assert (logits[48] - logits[0]).abs().max().item() <= 1e-4
