@@ -17,12 +17,13 @@ from torch import nn
 
 from agentrt import kernels
 from agentrt.errors import UnsupportedModelError
+from agentrt.models import DTYPE_CHOICES
 
 __all__ = ["ModelConfig", "Rotary", "AttentionGroup", "BatchInput", "DecodeInput", "Transformer", "load_transformer",
            "resolve_dtype", "shared_prefix"]
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # models.DTYPE_CHOICES
+DTYPES = {name: getattr(torch, name) for name in DTYPE_CHOICES if name != "auto"}
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
@@ -128,23 +129,21 @@ class Rotary(nn.Module):
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [..., heads, D]; cos/sin: [..., D] broadcast over heads
-        cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        return Rotary.turn(x, *Rotary.turns(cos, sin, x.dtype))
 
     @staticmethod
     def turns(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [..., D] made ready for `turn` once, for every layer: broadcast over heads, in the
-        keys' dtype, and sin signed so that rotate_half(x) * sin = roll(x, D/2) * signed."""
+        """cos/sin [..., D] made ready for `turn`, once for every layer: broadcast over heads, in x's
+        dtype, and sin signed so that rotate_half(x) * sin = roll(x, D/2) * signed."""
         half = sin.shape[-1] // 2
         signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         return cos.unsqueeze(-2).to(dtype), signed.unsqueeze(-2).to(dtype)
 
     @staticmethod
     def turn(x: torch.Tensor, cos: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
-        """`apply` with cos/sin from `turns`: three kernels a layer instead of eight (hogwild views
-        re-rotate their moved keys in every layer)."""
-        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed)
+        """RoPE with cos/sin from `turns` (a layer's queries and keys, and the moved keys of hogwild
+        views, are turned in every layer). Rounds like x * cos + rotate_half(x) * sin, bit for bit."""
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed
 
     def rotate_by(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Re-rotate already-rotated keys by `delta` positions: R(p + delta) = R(delta) R(p).
@@ -235,13 +234,13 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, batch: BatchInput, masks: list, key_rot: list, k_pool, v_pool) -> torch.Tensor:
+    def forward(self, x, rope, batch: BatchInput, masks: list, key_rot: list, k_pool, v_pool) -> torch.Tensor:
         n, kv, d, rep = x.shape[0], self.kv, self.d, self.h // self.kv
         q, k, v = self.qkv(x).split([self.h * d, kv * d, kv * d], dim=-1)
         q, k, v = q.view(n, self.h, d), k.view(n, kv, d), v.view(n, kv, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        q, k = Rotary.turn(q, *rope), Rotary.turn(k, *rope)
         # pools: [S, KV, D]
         k_pool.index_copy_(0, batch.write_slots, k)
         v_pool.index_copy_(0, batch.write_slots, v)
@@ -319,14 +318,14 @@ class Transformer(nn.Module):
     def forward(self, batch: BatchInput, k_pools: torch.Tensor, v_pools: torch.Tensor) -> torch.Tensor:
         # k_pools, v_pools: [L, S, KV, D]; returns logits [M, V] in fp32
         x = self.embed(batch.input_ids)  # [N, hidden]
-        cos, sin = self.rotary.cos_sin(batch.positions)  # [N, D]
+        rope = Rotary.turns(*self.rotary.cos_sin(batch.positions), x.dtype)  # [N, 1, D] each, for every layer
         masks = [self._additive_mask(g, x.dtype) for g in batch.groups]
         # cos/sin re-rotating gathered keys by key_delta: once per forward, not per layer
         key_rot = [None if g.key_delta is None else
                    Rotary.turns(*self.rotary.cos_sin(g.key_delta[:, g.delta_from:], scaled=False), x.dtype)
                    for g in batch.groups]
         for i, layer in enumerate(self.layers):
-            x = x + layer.attn(layer.attn_norm(x), cos, sin, batch, masks, key_rot, k_pools[i], v_pools[i])
+            x = x + layer.attn(layer.attn_norm(x), rope, batch, masks, key_rot, k_pools[i], v_pools[i])
             x = x + layer.mlp(layer.mlp_norm(x))
         x = self.norm(x[batch.logits_rows])  # [M, hidden]
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight

@@ -27,7 +27,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from agentrt.agent import Agent, Final, TextDelta, ToolEnd, ToolStart
+from agentrt.agent import MODES, Agent, Final, TextDelta, ToolEnd, ToolStart
 from agentrt.demo import plan_view
 from agentrt.errors import AgentrtError, InvalidRequestError
 from agentrt.planner import ExecutionState, Executor, Trace
@@ -36,7 +36,7 @@ from agentrt.tools import Tool, ToolRegistry, ToolResult, calculator, workspace_
 __all__ = ["AgentFactory", "ApprovalGate", "ChatApp", "InputSource", "PromptInput", "Turn", "chat_tools",
            "local_agents", "run_chat"]
 
-CHAT_MODES = ("chat", "plan", "dta", "react", "thread", "hogwild")
+CHAT_MODES = MODES  # every mode the SDK has
 COMMANDS = {
     "/help": "this list",
     "/tools": "the tools the agent can call",
