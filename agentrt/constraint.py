@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["TokenConstraint", "bitmask_width", "allocate_bitmask"]
+__all__ = ["TokenConstraint", "bitmask_width", "allocate_bitmask", "jump_forward_tokens"]
 
 
 @runtime_checkable
@@ -41,3 +41,19 @@ def allocate_bitmask(batch: int, vocab_size: int, pin_memory: bool = False) -> t
     """[batch, ceil(V / 32)] int32, all bits set (every token allowed). Pinned, its copy to a GPU is
     async; pinning is slow, so keep a pinned one and reuse it (the engine does)."""
     return torch.full((batch, bitmask_width(vocab_size)), -1, dtype=torch.int32, pin_memory=pin_memory)
+
+
+def jump_forward_tokens(constraint: TokenConstraint, tokenizer) -> list[int]:
+    """The tokens of `constraint`'s forced text that are safe to commit without sampling (not yet
+    accepted). A constraint that knows its vocabulary (`forced_tokens`, as agentrt.grammar's Matcher)
+    stops where no token can straddle the end of the forced text; any other keeps back the last
+    token of its canonical tokenisation, which is the one that could merge with what follows."""
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    forced_tokens = getattr(constraint, "forced_tokens", None)
+    if callable(forced_tokens):
+        return forced_tokens(encode)
+    forced = constraint.find_jump_forward_string()
+    return encode(forced)[:-1] if forced else []

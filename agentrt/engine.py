@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from agentrt.constraint import TokenConstraint, allocate_bitmask
+from agentrt.constraint import TokenConstraint, allocate_bitmask, jump_forward_tokens
 from agentrt.control import SequenceController, SequenceHandle
 from agentrt.errors import (ContextLengthError, EngineClosedError, EngineError, InvalidRequestError,
                             KVCacheError)
@@ -595,10 +595,7 @@ class Engine:
                          EngineError(f"request failed: {exc}"))
 
     def _jump_forward(self, req: _Request) -> list[int]:
-        forced = req.constraint.find_jump_forward_string()
-        if not forced:
-            return []
-        ids = self.tokenizer.encode(forced, add_special_tokens=False)
+        ids = jump_forward_tokens(req.constraint, self.tokenizer)  # up to a safe token boundary
         accepted: list[int] = []
         for t in ids[: req.params.max_tokens - len(req.output_ids)]:
             if not req.constraint.accept_token(t):

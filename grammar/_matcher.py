@@ -7,7 +7,8 @@ Near the end of a token budget a matcher can steer JSON to close (`close_by`).
 from __future__ import annotations
 
 import concurrent.futures as cf
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,11 +16,14 @@ import torch
 import xgrammar as xgr
 
 from agentrt.constraint import TokenConstraint, bitmask_width
+from agentrt.grammar._boundary import TokenBoundaries
 
 if TYPE_CHECKING:
     from agentrt.grammar._compiler import CompiledConstraint
 
-__all__ = ["Matcher", "MaskFiller"]
+__all__ = ["Matcher", "MaskFiller", "MAX_JUMP_FORWARD"]
+
+MAX_JUMP_FORWARD = 256
 
 
 class Matcher:
@@ -33,8 +37,15 @@ class Matcher:
         self.compiled = compiled
         self.vocab_size = int(compiled.grammar.tokenizer_info.vocab_size)
         self.xgr = xgr.GrammarMatcher(compiled.grammar, override_stop_tokens=stop_token_ids)
+        info = compiled.grammar.tokenizer_info
+        self.stop_token_ids = list(stop_token_ids if stop_token_ids is not None else info.stop_token_ids)
+        self._vocab = _boundaries(compiled).vocab  # each token's bytes (one list per tokenizer)
         self.num_accepted = 0
         self.closing_from: int | None = None  # see close_by
+        self.text = bytearray()  # the accepted tokens' bytes
+        self.in_string = False  # whether `text` ends inside a JSON string (see _feed)
+        self._escaped = False
+        self._marks: list[tuple[int, bool, bool]] = []  # per accepted token: (len(text), in_string, escaped) before it
 
     @property
     def warnings(self) -> list[str]:
@@ -49,17 +60,37 @@ class Matcher:
         self.xgr.fill_next_token_bitmask(bitmask, index)
         self._steer(bitmask, index)
 
+    @property
+    def near_budget(self) -> bool:
+        return self.closing_from is not None and self.num_accepted >= self.closing_from
+
     def _steer(self, bitmask: torch.Tensor, index: int) -> None:
-        if self.closing_from is not None and self.num_accepted >= self.closing_from and not self.is_completed():
-            closing = bitmask[index] & _closers(self.compiled, bitmask.shape[-1])
+        if not self.near_budget or self.is_completed():
+            return
+        words = bitmask.shape[-1]
+        # inside a string only a closing quote closes it (a '}' there would be string content)
+        for kind in (("string",) if self.in_string else ("brackets", "any")):
+            closing = bitmask[index] & _closers(self.compiled, words, kind)
             if bool(closing.any()):
                 bitmask[index] = closing
+                return
+
+    def _end_only(self, bitmask: torch.Tensor, index: int) -> None:
+        """Allow only the stop tokens, when the grammar can end here (else leave the mask as it is)."""
+        row = torch.zeros_like(bitmask[index])
+        for t in self.stop_token_ids:
+            if 0 <= t < row.shape[0] * 32:
+                row[t // 32] |= _bit(t % 32)
+        ends = bitmask[index] & row
+        if bool(ends.any()):
+            bitmask[index] = ends
 
     def close_by(self, max_tokens: int, reserve: int | None = None) -> None:
         """Steer open JSON values to close within `max_tokens` accepted tokens: once `reserve` or
         fewer are left (default max_tokens // 8 within 16..32: room for a few closing brackets and
-        a tool call's end tag) and the grammar cannot end yet, only tokens that start by closing a
-        string, array or object (`"`, `]`, `}`) are allowed whenever the grammar allows one. A weak
+        a tool call's end tag) and the grammar cannot end yet, only closing tokens are allowed
+        whenever the grammar allows one: inside a string a closing quote (`"`, `"}`, ...), outside
+        one brackets (`}`, `]}`, ...), else anything that starts with `"`, `]` or `}`. A weak
         model looping inside a tool call then ends it with a complete, shortened value instead of
         running out of tokens mid-value; outputs that end earlier are untouched."""
         reserve = min(32, max(16, max_tokens // 8)) if reserve is None else reserve
@@ -67,8 +98,25 @@ class Matcher:
 
     def accept_token(self, token_id: int) -> bool:
         ok = bool(self.xgr.accept_token(int(token_id)))
-        self.num_accepted += ok
+        if ok:
+            self.num_accepted += 1
+            self._marks.append((len(self.text), self.in_string, self._escaped))
+            if not self.xgr.is_terminated() and 0 <= token_id < len(self._vocab):
+                self._feed(self._vocab[token_id])
         return ok
+
+    def _feed(self, piece: bytes) -> None:
+        """Append accepted bytes and follow JSON string state (quotes, backslash escapes)."""
+        self.text += piece
+        in_string, escaped = self.in_string, self._escaped
+        for b in piece:
+            if escaped:
+                escaped = False
+            elif in_string and b == 0x5C:  # backslash
+                escaped = True
+            elif b == 0x22:  # quote
+                in_string = not in_string
+        self.in_string, self._escaped = in_string, escaped
 
     def accept_string(self, text: str) -> bool:
         """Advance past forced text (jump-forward) without tokens; rollback does not undo this."""
@@ -82,31 +130,67 @@ class Matcher:
         return bool(self.xgr.is_completed())
 
     def find_jump_forward_string(self) -> str:
-        return str(self.xgr.find_jump_forward_string())
+        """The text the grammar forces next, at most MAX_JUMP_FORWARD characters of it (a long forced
+        run is taken a piece per step; `agentrt.grammar` refuses grammars that force endless ones)."""
+        return str(self.xgr.find_jump_forward_string())[:MAX_JUMP_FORWARD]
+
+    def forced_tokens(self, encode: Callable[[str], list[int]]) -> list[int]:
+        """Tokens of the forced text (`encode` gives its canonical tokenisation) that end before any
+        token could straddle its end (`TokenBoundaries`); not yet accepted."""
+        forced = self.find_jump_forward_string()
+        return _boundaries(self.compiled).commit(forced, encode(forced)) if forced else []
 
     def rollback(self, num_tokens: int) -> None:
         if num_tokens > self.num_accepted:
             raise ValueError(f"cannot roll back {num_tokens} tokens: only {self.num_accepted} accepted")
         self.xgr.rollback(num_tokens)
         self.num_accepted -= num_tokens
+        if num_tokens:
+            n, self.in_string, self._escaped = self._marks[-num_tokens]
+            del self._marks[-num_tokens:], self.text[n:]
 
     def reset(self) -> None:
         self.xgr.reset()
         self.num_accepted = 0
+        self.text.clear()
+        self._marks.clear()
+        self.in_string = self._escaped = False
 
 
 assert issubclass(Matcher, TokenConstraint)
 
-_CLOSERS: dict[tuple[str, int], torch.Tensor] = {}  # (tokenizer fingerprint, words) -> packed row
+_BOUNDARIES: dict[str, TokenBoundaries] = {}  # tokenizer fingerprint -> its token prefixes
 
 
-def _closers(compiled: CompiledConstraint, words: int) -> torch.Tensor:
-    """One packed bitmask row: the tokens whose text starts with `"`, `]` or `}`."""
-    key = (compiled.tokenizer, words)
+def _boundaries(compiled: CompiledConstraint) -> TokenBoundaries:
+    b = _BOUNDARIES.get(compiled.tokenizer) if compiled.tokenizer else None
+    if b is None:
+        b = TokenBoundaries(compiled.grammar.tokenizer_info.decoded_vocab)
+        if compiled.tokenizer:
+            _BOUNDARIES[compiled.tokenizer] = b
+    return b
+
+
+_CLOSERS: dict[tuple[str, int, str], torch.Tensor] = {}  # (tokenizer fingerprint, words, kind) -> packed row
+_CLOSER_TEXT = {
+    "string": re.compile(rb'"[\]}\s]*'),  # a closing quote, then brackets: '"', '"}', '"]}'
+    "brackets": re.compile(rb"[\]}][\]}\s]*"),  # only brackets and whitespace: '}', ']}', '}}'
+    "any": re.compile(rb'["\]}].*', re.DOTALL),  # starts with one ('"' may open a value that must come)
+}
+
+
+def _bit(i: int) -> int:
+    return (1 << i) - (1 << 32) if i == 31 else 1 << i  # bit i of an int32 word
+
+
+def _closers(compiled: CompiledConstraint, words: int, kind: str) -> torch.Tensor:
+    """One packed bitmask row: the tokens whose text closes open JSON in the way `kind` says."""
+    key = (compiled.tokenizer, words, kind)
     if key not in _CLOSERS or not compiled.tokenizer:
-        vocab = compiled.grammar.tokenizer_info.decoded_vocab
+        vocab = _boundaries(compiled).vocab
+        pattern = _CLOSER_TEXT[kind]
         bits = np.zeros(words * 32, dtype=np.uint64)
-        bits[[i for i, t in enumerate(vocab) if t[:1] in (b'"', b"]", b"}")]] = 1
+        bits[[i for i, t in enumerate(vocab) if t and pattern.fullmatch(t)]] = 1
         packed = (bits.reshape(words, 32) << np.arange(32, dtype=np.uint64)).sum(axis=1)
         _CLOSERS[key] = torch.from_numpy(packed.astype(np.uint32).view(np.int32))
     return _CLOSERS[key]

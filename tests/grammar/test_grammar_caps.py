@@ -106,22 +106,28 @@ def test_capped_strings_are_served_from_the_mask_cache(compiler):
 
 
 class NeverEnds:
-    """A model that never wants a value to end: of the tokens the grammar allows, it drops every one
-    holding `"`, `]` or `}` whenever another is left."""
+    """A model that never wants a value to end: of the tokens the grammar allows, it takes one with
+    no `"`, `]` or `}` whenever there is one, else one that only opens a string (`"` first, none of
+    them after it), so that jump-forward leaving an opening quote to it does not end a value either."""
 
     def __init__(self, matcher: Matcher) -> None:
         self.matcher = matcher
         vocab = matcher.compiled.grammar.tokenizer_info.decoded_vocab
-        bits = torch.zeros(matcher.vocab_size + 31 & ~31, dtype=torch.int64)
-        bits[[i for i, t in enumerate(vocab) if any(c in t for c in b'"]}')]] = 1
-        words = (bits.view(-1, 32) << torch.arange(32)).sum(1)
-        self.closing = words.to(torch.int32)  # int64 -> int32 keeps the low 32 bits
+
+        def packed(ids: list[int]) -> torch.Tensor:
+            bits = torch.zeros(matcher.vocab_size + 31 & ~31, dtype=torch.int64)
+            bits[ids] = 1
+            return (bits.view(-1, 32) << torch.arange(32)).sum(1).to(torch.int32)  # low 32 bits kept
+
+        self.closing = packed([i for i, t in enumerate(vocab) if any(c in t for c in b'"]}')])
+        self.opening = packed([i for i, t in enumerate(vocab) if t[:1] == b'"' and not any(c in t[1:] for c in b'"]}')])
 
     def fill_next_token_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, index)
-        rest = bitmask[index] & ~self.closing
-        if bool(rest.any()):
-            bitmask[index] = rest
+        for keep in (bitmask[index] & ~self.closing, bitmask[index] & self.opening):
+            if bool(keep.any()):
+                bitmask[index] = keep
+                return
 
     def __getattr__(self, name: str):
         return getattr(self.matcher, name)
@@ -170,7 +176,9 @@ def test_near_max_tokens_a_chat_call_closes_instead_of_being_cut(tiny_engine):
         result = anyio.run(chat, max_tokens)
         assert result.finish_reason == "tool_calls" and result.completion_tokens <= max_tokens
         (got,) = result.tool_calls
-        assert got.complete and isinstance(json.loads(got.arguments)["q"], str)
+        q = json.loads(got.arguments)["q"]
+        assert got.complete and isinstance(q, str)
+        assert "}" not in q and "]" not in q  # steering closes the string; it never writes brackets into it
     # the same model without the steering (no close_by): cut inside the string
     _, matcher = anyio.run(prepare_chat, tiny_engine, compiler, messages, options)
     out = _generate(tiny_engine, NeverEnds(matcher), 30)
