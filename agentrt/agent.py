@@ -193,8 +193,9 @@ class Agent(Generic[T]):
         messages.append({"role": "user", "content": prompt})
         done: list[ToolEnd] = []
         tools = self._offered(prompt)
+        answer_now = False  # set once the model only repeats calls already made: it answers in text
         for step in range(1, self.max_steps + 1):
-            final_turn = step == self.max_steps
+            final_turn = step == self.max_steps or answer_now
             choice = self.tool_choice if step == 1 else "auto"
             options = ChatOptions(tools=[] if final_turn else tools, tool_choice=choice,
                                   schema_options=self.grammar_options)
@@ -206,6 +207,9 @@ class Agent(Generic[T]):
                     await emit(TextDelta(ev.text))
             assert result is not None
             calls = [c for c in result.tool_calls if c.complete]  # one cut by max_tokens never runs
+            if not calls and result.refused and not result.content.strip() and not final_turn:
+                answer_now = True  # it repeated a call whose result it has: the next turn answers
+                continue
             if not calls:
                 messages.append({"role": "assistant", "content": result.content})
                 return result.content, done, messages, step

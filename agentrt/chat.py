@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentrt.errors import InvalidRequestError
-from agentrt.grammar import TOOL_CALL_BEGIN, TOOL_CALL_END
+from agentrt.grammar import MAX_TOOL_CALLS, TOOL_CALL_BEGIN, TOOL_CALL_END, call_key
 
 __all__ = ["ChatOptions", "ChatEvent", "ChatResult", "ToolCall", "ToolCallStream", "build_prompt", "chat_constraint",
-           "prepare_chat", "stream_chat"]
+           "prepare_chat", "stream_chat", "turn_calls"]
 
 # Tool calls are written `{"name": "f", "arguments": {"a": 1}}`: one fixed space after ',' and ':'
 # (no free whitespace). Small models follow the layout they were trained on: on BFCL simple_python,
@@ -56,6 +56,7 @@ class ChatResult:
     prompt_tokens: int
     completion_tokens: int
     incomplete: bool = False
+    refused: int = 0  # calls dropped as exact repeats of earlier calls of the turn
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -71,10 +72,17 @@ class ToolCallStream:
 
     Argument fragments are raw slices of the model's text, so they concatenate to exactly the
     `arguments` string of the finished call. The envelope's closing brace and a partial end tag
-    are held back until they can be told apart from the arguments.
+    are held back until they can be told apart from the arguments. A call is held back while it
+    could still be an exact repeat of an earlier one (`earlier`: (name, arguments) of calls made
+    before this output, and this output's own); a finished repeat is dropped (`refused` counts them).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, earlier: list[tuple[str, Any]] = ()) -> None:
+        self.earlier = [(name, args if isinstance(args, str) else json.dumps(args, separators=TOOL_SEPARATORS,
+                                                                             ensure_ascii=False))
+                        for name, args in earlier]
+        self.refused = 0
+        self._held = False  # the open call's events wait: it may still turn out a repeat
         self.calls: list[ToolCall] = []
         self.content = ""
         self._ws = ""  # whitespace held back: shown only once more text follows it
@@ -107,7 +115,8 @@ class ToolCallStream:
                 call = ToolCall(f"call_{secrets.token_hex(12)}", name, "")
                 self.calls.append(call)
                 self._args_start = m.end()
-                events.append(ChatEvent("call_start", index=len(self.calls) - 1, call_id=call.id, name=name))
+                self._held = True
+                self._release(events)
             end = self._block.find(TOOL_CALL_END, self._args_start)
             args = self._block[self._args_start:end if end >= 0 else len(self._block)]
             if end < 0:
@@ -117,7 +126,13 @@ class ToolCallStream:
             args = args.rstrip()
             args = args[:-1].rstrip() if args.endswith("}") else args
             self._args(events, args)
-            self.calls[-1].complete = True
+            call = self.calls[-1]
+            call.complete = True
+            if self._held and call_key(call.name, call.arguments) in {call_key(n, a) for n, a in self._priors()}:
+                self.calls.pop()  # an exact repeat, never shown: dropped
+                self.refused += 1
+                self._held = False
+            self._release(events, force=True)
             rest = self._block[end + len(TOOL_CALL_END):]
             self._block, self._buf = None, rest
 
@@ -128,6 +143,7 @@ class ToolCallStream:
             self._content(events, self._buf)
         elif self._args_start >= 0:  # cut short (length): the call keeps the arguments it has
             self._args(events, self._block[self._args_start:])
+            self._release(events, force=True)
         # a block cut before its name is complete carries nothing a client could use: dropped
         self._buf, self._block, self._ws = "", None, ""
         return events
@@ -148,7 +164,25 @@ class ToolCallStream:
             frag = upto[self._sent:]
             self._sent = len(upto)
             self.calls[-1].arguments += frag
-            events.append(ChatEvent("call_args", frag, index=len(self.calls) - 1))
+            if not self._held:
+                events.append(ChatEvent("call_args", frag, index=len(self.calls) - 1))
+            self._release(events)
+
+    def _priors(self) -> list[tuple[str, str]]:
+        return self.earlier + [(c.name, c.arguments) for c in self.calls[:-1]]
+
+    def _release(self, events: list[ChatEvent], force: bool = False) -> None:
+        """Show the held call (its start and arguments so far) once it can no longer be a repeat."""
+        if not self._held:
+            return
+        call = self.calls[-1]
+        if not force and any(n == call.name and a.startswith(call.arguments) for n, a in self._priors()):
+            return
+        self._held = False
+        i = len(self.calls) - 1
+        events.append(ChatEvent("call_start", index=i, call_id=call.id, name=call.name))
+        if call.arguments:
+            events.append(ChatEvent("call_args", call.arguments, index=i))
 
 
 @dataclass
@@ -163,6 +197,7 @@ class ChatOptions:
     # JsonSchema options for tool arguments and json_schema replies: max_string_length, max_number_digits,
     # max_array_items, max_object_entries (tool calls default to grammar.TOOL_ARGUMENT_CAPS; None: no cap)
     schema_options: dict = field(default_factory=dict)
+    max_tool_calls: int | None = MAX_TOOL_CALLS  # calls one output may make (None: no cap)
 
 
 def _text(content: Any) -> str:
@@ -262,12 +297,31 @@ async def prepare_chat(engine, compiler, messages: list[dict], options: ChatOpti
     anything is streamed."""
     from agentrt.grammar import Matcher
 
+    from agentrt.grammar import CallList, ToolCalls
+
     prompt_ids = build_prompt(engine.tokenizer, messages, options)
     constraint = chat_constraint(options, **options.schema_options)
     if constraint is None:
         return prompt_ids, None
     compiled = await compiler.compile_async(constraint)
-    return prompt_ids, Matcher(compiled, stop_token_ids=sorted(engine.eos_token_ids))
+    stop = sorted(engine.eos_token_ids)
+    if isinstance(constraint, ToolCalls):
+        return prompt_ids, CallList(compiled, stop_token_ids=stop, max_calls=options.max_tool_calls,
+                                    earlier=turn_calls(messages))
+    return prompt_ids, Matcher(compiled, stop_token_ids=stop)
+
+
+def turn_calls(messages: list[dict]) -> list[tuple[str, Any]]:
+    """(name, arguments) of the calls the assistant made since the last user message: the calls of
+    this turn that a new call must not repeat."""
+    calls: list[tuple[str, Any]] = []
+    for m in messages:
+        if m.get("role") == "user":
+            calls = []
+        for call in (m.get("tool_calls") or []) if m.get("role") == "assistant" else []:
+            fn = call.get("function", call)
+            calls.append((fn.get("name", ""), fn.get("arguments") or "{}"))
+    return calls
 
 
 async def stream_chat(engine, prompt_ids: list[int], matcher, params) -> AsyncIterator[ChatEvent | ChatResult]:
@@ -277,7 +331,7 @@ async def stream_chat(engine, prompt_ids: list[int], matcher, params) -> AsyncIt
     reply that would be cut mid-value ends complete, its last value shortened."""
     if matcher is not None:
         matcher.close_by(params.max_tokens)
-    splitter = ToolCallStream()
+    splitter = ToolCallStream(getattr(matcher, "earlier", ()))
     async for out in engine.stream(prompt_ids, params, matcher):
         for event in splitter.push(out.text):
             yield event
@@ -286,4 +340,4 @@ async def stream_chat(engine, prompt_ids: list[int], matcher, params) -> AsyncIt
                 yield event
             reason = "tool_calls" if splitter.calls and out.finish_reason == "stop" else out.finish_reason
             yield ChatResult(splitter.content, splitter.calls, reason, out.prompt_tokens, out.completion_tokens,
-                             out.incomplete)
+                             out.incomplete, splitter.refused)

@@ -11,7 +11,10 @@ from agentrt.grammar._constraints import Choice, Constraint, Ebnf, Json, JsonSch
 from agentrt.grammar._matcher import MaskFiller, Matcher
 from agentrt.grammar._schema import NormalizedSchema, normalize_schema
 from agentrt.grammar._tools import (
+    MAX_TOOL_CALLS,
     TOOL_ARGUMENT_CAPS,
+    CallList,
+    call_key,
     TOOL_CALL_BEGIN,
     TOOL_CALL_END,
     ToolCalls,
@@ -29,6 +32,9 @@ __all__ = [
     "Lark",
     "Choice",
     "ToolCalls",
+    "CallList",
+    "call_key",
+    "MAX_TOOL_CALLS",
     "TOOL_ARGUMENT_CAPS",
     "ToolSpec",
     "render_tool_call",

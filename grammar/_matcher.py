@@ -42,6 +42,7 @@ class Matcher:
         self._vocab = _boundaries(compiled).vocab  # each token's bytes (one list per tokenizer)
         self.num_accepted = 0
         self.closing_from: int | None = None  # see close_by
+        self.max_tokens: int | None = None
         self.text = bytearray()  # the accepted tokens' bytes
         self.in_string = False  # whether `text` ends inside a JSON string (see _feed)
         self._escaped = False
@@ -95,6 +96,7 @@ class Matcher:
         running out of tokens mid-value; outputs that end earlier are untouched."""
         reserve = min(32, max(16, max_tokens // 8)) if reserve is None else reserve
         self.closing_from = max(0, max_tokens - reserve)
+        self.max_tokens = max_tokens
 
     def accept_token(self, token_id: int) -> bool:
         ok = bool(self.xgr.accept_token(int(token_id)))

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from agentrt.errors import GrammarError
 from agentrt.grammar._constraints import Constraint, JsonSchema, ebnf_literal
 from agentrt.grammar._json import _first_line, merge_grammars
+from agentrt.grammar._matcher import Matcher
 
 __all__ = [
     "ToolSpec",
@@ -24,6 +25,9 @@ __all__ = [
     "parse_tool_calls",
     "TOOL_CALL_BEGIN",
     "TOOL_CALL_END",
+    "CallList",
+    "call_key",
+    "MAX_TOOL_CALLS",
 ]
 
 TOOL_CALL_BEGIN = "<tool_call>"
@@ -85,8 +89,9 @@ class ToolCalls(Constraint):
 
     `choice="auto"`: text, with calls constrained once `<tool_call>` starts; `"required"`: one or
     more calls and nothing else; `{"name": f}` (or OpenAI's `{"type": "function", "function":
-    {"name": f}}`): calls to `f` only; `"none"`: text that never opens a call. `parallel=False`
-    allows at most one call. Schema options (`JsonSchema`'s) apply to every tool's arguments; the
+    {"name": f}}`): one call to `f`; `"none"`: text that never opens a call. `parallel=False`
+    allows at most one call. `CallList` (the matcher to decode it with) ends a list that repeats
+    itself, reaches its call cap or nears max_tokens. Schema options (`JsonSchema`'s) apply to every tool's arguments; the
     caps default to `TOOL_ARGUMENT_CAPS` (`max_string_length=None` etc. turns one off).
     """
 
@@ -154,7 +159,7 @@ class ToolCalls(Constraint):
                 "triggers": [TOOL_CALL_BEGIN],
                 "tags": tags,
                 "at_least_one": False,
-                "stop_after_first": not self.parallel,
+                "stop_after_first": not self.parallel or self.named is not None,
             }
         else:
             fmt = {
@@ -162,7 +167,7 @@ class ToolCalls(Constraint):
                 "tags": tags,
                 "separator": _CALL_SEPARATOR,
                 "at_least_one": True,
-                "stop_after_first": not self.parallel,
+                "stop_after_first": not self.parallel or self.named is not None,
             }
         return {"type": "structural_tag", "format": fmt}, warnings
 
@@ -174,6 +179,108 @@ class ToolCalls(Constraint):
             raise GrammarError(
                 f"cannot compile the tool-call grammar: {_first_line(e)}", param="tools"
             ) from e
+
+
+MAX_TOOL_CALLS = 8  # calls one turn may make unless a request asks for another cap
+
+
+def call_key(name: str, arguments: Any) -> str | None:
+    """What makes two calls the same call: the name and the arguments as parsed JSON (key order
+    ignored); None when `arguments` (a dict or its JSON text) is not a JSON object."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments or "{}")
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return json.dumps([name, arguments], sort_keys=True, ensure_ascii=False)
+
+
+class CallList(Matcher):
+    """The matcher for a `ToolCalls` grammar, with the call-list policy on top: a call that repeats
+    an earlier one of the same turn exactly (`earlier`: (name, arguments) of calls already made,
+    plus each one this output completes) ends the output right after it (the chat layer drops the
+    repeat), as does reaching `max_calls` calls or, between calls, nearing max_tokens (`close_by`)
+    or having fewer tokens left than the longest call so far took.
+    A weak model that would call the same tool over and over until max_tokens makes one call."""
+
+    def __init__(self, compiled: Any, *, stop_token_ids: list[int] | None = None, max_calls: int | None = MAX_TOOL_CALLS,
+                 earlier: list[tuple[str, Any]] = ()) -> None:
+        super().__init__(compiled, stop_token_ids=stop_token_ids)
+        self.max_calls = max_calls
+        self.earlier = [(name, args) for name, args in earlier]
+        self._earlier = {call_key(name, args) for name, args in self.earlier}
+        self._made: list[str | None] = []  # the key of each new call, in order
+        self.calls = 0  # new calls completed (repeats not counted)
+        self.repeats = 0
+        self._history: list[tuple[int, int, bool, int, int]] = []  # per accepted token: the state before it
+        self.closed = False
+        self.longest = 0  # tokens the longest call took
+        self._call_from = 0  # num_accepted where the open call began
+
+    @property
+    def ended(self) -> bool:
+        """True once the list may not go on: a repeat, the call cap, or the budget."""
+        if self.closed:
+            return True
+        if self.calls + self.repeats == 0 or self.max_tokens is None:
+            return False
+        return self.near_budget or self.max_tokens - self.num_accepted <= self.longest
+
+    def _steer(self, bitmask, index: int) -> None:
+        super()._steer(bitmask, index)
+        if self.ended:
+            self._end_only(bitmask, index)
+
+    def accept_token(self, token_id: int) -> bool:
+        state = (self.calls, self.repeats, self.closed, self.longest, self._call_from)
+        if not super().accept_token(token_id):
+            return False
+        self._history.append(state)
+        if self.text.endswith(TOOL_CALL_END.encode()):
+            self._complete_call()
+        return True
+
+    def _feed(self, piece: bytes) -> None:
+        super()._feed(piece)
+        if self.text.endswith(TOOL_CALL_BEGIN.encode()):  # JSON starts afresh: quotes in text before it do not count
+            self.in_string = self._escaped = False
+            self._call_from = self.num_accepted - 1
+
+    def _complete_call(self) -> None:
+        self.longest = max(self.longest, self.num_accepted - self._call_from)
+        start = self.text.rfind(TOOL_CALL_BEGIN.encode())
+        body = bytes(self.text[start + len(TOOL_CALL_BEGIN):len(self.text) - len(TOOL_CALL_END)])
+        try:
+            obj = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            obj = None  # cannot come out of the grammar; counted as a new call
+        key = call_key(obj.get("name", ""), obj.get("arguments", {})) if isinstance(obj, dict) else None
+        if self._seen(key):
+            self.repeats += 1
+            self.closed = True
+            return
+        self._made.append(key)
+        self.calls += 1
+        if self.max_calls is not None and self.calls >= self.max_calls:
+            self.closed = True
+
+    def rollback(self, num_tokens: int) -> None:
+        super().rollback(num_tokens)
+        if num_tokens:
+            self.calls, self.repeats, self.closed, self.longest, self._call_from = self._history[-num_tokens]
+            del self._history[-num_tokens:], self._made[self.calls:]
+
+    def reset(self) -> None:
+        super().reset()
+        self.calls = self.repeats = self.longest = self._call_from = 0
+        self.closed = False
+        self._history.clear()
+        self._made.clear()
+
+    def _seen(self, key: str | None) -> bool:
+        return key is not None and (key in self._made or key in self._earlier)
 
 
 def render_tool_call(

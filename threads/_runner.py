@@ -279,8 +279,10 @@ async def run_thread(model: Any, question: str, tools: ToolRegistry | Iterable[A
         async with calls_recv:
             async for seq, ev in calls_recv:
                 call = await caller.call(ev.path, ev.data["tool_name"], ev.data["arguments"])
-                # the result and the "}" that closes tooluse: a number result must not run on
-                text = caller.render(schema, call.result) + "}"
+                # what the grammar still forces before the result (jump-forward stops short of a token
+                # boundary the result could merge with), the result, and the "}" that closes tooluse: a
+                # number result must not run on
+                text = matcher.find_jump_forward_string() + caller.render(schema, call.result) + "}"
                 ids = engine.tokenizer.encode(text, add_special_tokens=False)
                 stats.injected_tokens += len(ids)
                 seq.resume(ids)

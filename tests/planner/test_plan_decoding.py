@@ -80,7 +80,11 @@ def check(text: str) -> None:
     tasks = parser.feed(text) + parser.close()
     assert parser.joined, text
     for task in tasks:
-        assert validate_task(task, TOOLS[task.tool]) == [], text
+        errors = validate_task(task, TOOLS[task.tool])
+        if task.id > 1:  # a string that may interpolate earlier results has no maxLength chain in the
+            # grammar (plan_grammar: compile time); the tool's validation reports it to the joiner
+            errors = [e for e in errors if "at most" not in e or "characters" not in e]
+        assert errors == [], text
 
 
 def test_tiny_random_plans_parse_and_validate(tiny_engine):
