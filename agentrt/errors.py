@@ -10,6 +10,7 @@
     │   └── GrammarError          a constraint (schema, regex, grammar, tools) that cannot be compiled
     ├── EngineError               the engine failed while running a request (a fault, not bad input)
     │   └── EngineClosedError     the engine was shut down
+    ├── OverloadedError           the server is at a limit of concurrent work (e.g. grammar compiles); retry
     ├── RunTimeoutError           an agent run took longer than its `timeout`
     ├── KVCacheError              misuse of the paged KV cache (double free, pruning outside a sequence)
     ├── ToolError                 a tool is defined or registered wrongly (bad signature, duplicate name)
@@ -32,6 +33,7 @@ __all__ = [
     "GrammarError",
     "EngineError",
     "EngineClosedError",
+    "OverloadedError",
     "KVCacheError",
     "RunTimeoutError",
     "ToolError",
@@ -92,6 +94,10 @@ class EngineError(AgentrtError):
 
 class EngineClosedError(EngineError):
     pass
+
+
+class OverloadedError(AgentrtError):
+    """Too much of some bounded work is running already (grammar compiles): retry later."""
 
 
 class KVCacheError(AgentrtError):

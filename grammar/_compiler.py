@@ -1,8 +1,9 @@
 """Compiling constraints for one tokenizer, with a byte-bounded cache shared across compilers.
 
-The cache key is (tokenizer fingerprint, constraint key). Compiles run off the event loop
-(`anyio.to_thread`), time out with a `GrammarError`, and identical concurrent compiles coalesce
-into one (XGrammar's first-request compile latency is the trap this contains).
+The cache key is (tokenizer fingerprint, constraint key). Compiles run off the event loop, time out
+with a `GrammarError` (in worker processes killed at the deadline, for the server), are limited in
+number and in grammar size, and identical concurrent compiles coalesce into one (XGrammar's
+first-request compile latency is the trap this contains).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import logging
+import pickle
 import threading
 import time
 from collections import OrderedDict
@@ -21,8 +23,10 @@ import anyio.from_thread
 import anyio.lowlevel
 import xgrammar as xgr
 
-from agentrt.errors import GrammarError
+from agentrt.errors import GrammarError, OverloadedError
+from agentrt.grammar._bounds import DEFAULT_LIMITS, GrammarLimits, check_grammar
 from agentrt.grammar._constraints import Constraint
+from agentrt.grammar._isolate import Compiled, WorkerPool, constraint_param, describe
 
 if TYPE_CHECKING:
     from agentrt.grammar._matcher import Matcher
@@ -107,7 +111,11 @@ def tokenizer_info(tokenizer: Any, vocab_size: int | None = None) -> xgr.Tokeniz
 class GrammarCompiler:
     """Compiles constraints for one tokenizer: `compile` (blocking) or `await compile_async`.
 
-    `vocab_size` must be the model's logits width when it differs from `len(tokenizer)`.
+    `vocab_size` must be the model's logits width when it differs from `len(tokenizer)`. Every
+    grammar is checked against `limits` (size, and rules that can never finish) before it compiles.
+    `isolate=True` (what the server uses) runs `compile_async` in worker processes killed at the
+    timeout, at most `max_concurrent` at a time; otherwise compiles run in threads and one that
+    times out finishes in the background.
     """
 
     def __init__(
@@ -118,6 +126,9 @@ class GrammarCompiler:
         cache: CompileCache | None = None,
         timeout: float = 30.0,
         max_threads: int = 2,
+        max_concurrent: int = 2,
+        limits: GrammarLimits = DEFAULT_LIMITS,
+        isolate: bool = False,
     ) -> None:
         self.info = (
             tokenizer if isinstance(tokenizer, xgr.TokenizerInfo) else tokenizer_info(tokenizer, vocab_size)
@@ -126,9 +137,13 @@ class GrammarCompiler:
         self.fingerprint = _fingerprint(self.info)
         self.cache = DEFAULT_CACHE if cache is None else cache
         self.timeout = timeout
+        self.limits = limits
+        self.isolate = isolate
         self._xgr = xgr.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=False)
         self._inflight: dict[str, cf.Future[CompiledConstraint]] = {}
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_concurrent)  # shared by threads and event loops
+        self.pool = _pool(self.info, self.fingerprint, max_threads, limits) if isolate else None
 
     def compile(self, constraint: Constraint) -> CompiledConstraint:
         """Compile (or fetch from the cache) on the calling thread; no timeout."""
@@ -140,25 +155,30 @@ class GrammarCompiler:
     async def compile_async(
         self, constraint: Constraint, *, timeout: float | None = None
     ) -> CompiledConstraint:
-        """Compile in a worker thread; raise `GrammarError` after `timeout` seconds (default: the
-        compiler's). A compile that times out keeps running and still fills the cache."""
+        """Compile off the event loop; raise `GrammarError` after `timeout` seconds (default: the
+        compiler's), or `OverloadedError` if the compile waited that long for a free slot. An
+        isolated compile is stopped at the timeout; a threaded one finishes and fills the cache."""
         limit = self.timeout if timeout is None else timeout
         fut, owner = self._claim(constraint)
         if fut.done():
             return fut.result()
         done = anyio.Event()
         token = anyio.lowlevel.current_token()
+        loop_thread = threading.get_ident()
 
         def wake(_: cf.Future[CompiledConstraint]) -> None:
+            if threading.get_ident() == loop_thread:
+                done.set()
+                return
             try:
                 anyio.from_thread.run_sync(done.set, token=token)
-            except RuntimeError:  # already on the loop thread, or the loop is gone
-                done.set()
+            except RuntimeError:  # the loop is gone
+                pass
 
         fut.add_done_callback(wake)
         with anyio.move_on_after(limit):
-            if owner:  # abandoned on timeout: the compile finishes in its thread and fills the cache
-                await anyio.to_thread.run_sync(self._run, constraint, fut, abandon_on_cancel=True)
+            if owner:
+                await self._compile_owned(constraint, fut, limit)
             await done.wait()
         if not fut.done():
             raise GrammarError(
@@ -167,6 +187,68 @@ class GrammarCompiler:
                 param="grammar",
             )
         return fut.result()
+
+    async def _compile_owned(self, constraint: Constraint, fut: cf.Future[CompiledConstraint],
+                             limit: float) -> None:
+        waiting = True
+        try:
+            while not self._slots.acquire(blocking=False):
+                await anyio.sleep(0.02)
+            waiting = False
+            try:
+                if self.pool is None or (blob := _pickled(constraint)) is None:
+                    # abandoned on timeout: the compile finishes in its thread and fills the cache
+                    await anyio.to_thread.run_sync(self._run, constraint, fut, abandon_on_cancel=True)
+                    return
+                await self._run_isolated(constraint, blob, fut)
+            finally:
+                self._slots.release()
+        except anyio.get_cancelled_exc_class():
+            if not fut.done():
+                fut.set_exception(
+                    OverloadedError(f"{constraint!r} waited {limit:g}s for one of the compile slots, all busy; "
+                                    "retry later") if waiting else
+                    GrammarError(f"compiling {constraint!r} took longer than {limit:g}s and was stopped; "
+                                 "simplify the schema or grammar, or raise the compile timeout", param="grammar"))
+            raise
+        except BaseException as e:  # noqa: BLE001 - handed to every waiter
+            if not fut.done():
+                fut.set_exception(e)
+        finally:
+            with self._lock:
+                self._inflight.pop(constraint.key, None)
+
+    async def _run_isolated(self, constraint: Constraint, blob: bytes, fut: cf.Future[CompiledConstraint]) -> None:
+        worker = self.pool.acquire()
+        try:
+            reply = await anyio.to_thread.run_sync(worker.run, blob, abandon_on_cancel=True)
+        except GrammarError:
+            self.pool.release(worker)
+            raise
+        except BaseException:  # the deadline (or a worker that died): no compile keeps running
+            self.pool.kill(worker)
+            raise
+        self.pool.release(worker)
+        if reply is None:  # a constraint class the worker cannot import
+            await anyio.to_thread.run_sync(self._run, constraint, fut, abandon_on_cancel=True)
+            return
+        fut.set_result(await anyio.to_thread.run_sync(self._adopt, constraint, reply, abandon_on_cancel=True))
+
+    def _adopt(self, constraint: Constraint, reply: Compiled) -> CompiledConstraint:
+        """A worker's result as ours: its compiled grammar, or a recompile known to be quick."""
+        if reply.compiled_json is not None:
+            compiled = xgr.CompiledGrammar.deserialize_json(reply.compiled_json, self.info)
+        else:
+            compiled = self._xgr.compile_grammar(xgr.Grammar.deserialize_json(reply.grammar_json))
+        return self._store(constraint, compiled, reply.warnings, reply.seconds)
+
+    def _store(self, constraint: Constraint, compiled: xgr.CompiledGrammar, warnings: list[str],
+               seconds: float) -> CompiledConstraint:
+        result = CompiledConstraint(compiled, constraint.key, warnings, seconds, self.fingerprint)
+        for w in warnings:
+            log.warning("grammar %s: %s", constraint.key[:12], w)
+        self.cache.put((self.fingerprint, constraint.key), result)
+        return result
 
     def _claim(self, constraint: Constraint) -> tuple[cf.Future[CompiledConstraint], bool]:
         """The future for this constraint's result, and whether the caller must run the compile."""
@@ -187,22 +269,37 @@ class GrammarCompiler:
         try:
             t0 = time.perf_counter()
             grammar, warnings = constraint.build()
+            check_grammar(str(grammar), describe(constraint), self.limits, param=constraint_param(constraint))
             try:
                 compiled = self._xgr.compile_grammar(grammar)
             except RuntimeError as e:
                 raise GrammarError(f"cannot compile {constraint!r}: {e}", param="grammar") from e
-            result = CompiledConstraint(
-                compiled, constraint.key, warnings, time.perf_counter() - t0, self.fingerprint
-            )
-            for w in warnings:
-                log.warning("grammar %s: %s", constraint.key[:12], w)
-            self.cache.put((self.fingerprint, constraint.key), result)
-            fut.set_result(result)
+            fut.set_result(self._store(constraint, compiled, warnings, time.perf_counter() - t0))
         except BaseException as e:  # noqa: BLE001 - handed to every waiter
             fut.set_exception(e)
         finally:
             with self._lock:
                 self._inflight.pop(constraint.key, None)
+
+
+def _pickled(constraint: Constraint) -> bytes | None:
+    try:
+        return pickle.dumps(constraint)
+    except Exception:  # noqa: BLE001 - e.g. a caller's constraint holding a lock: compiled in a thread
+        return None
+
+
+_POOLS: dict[tuple, WorkerPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(info: xgr.TokenizerInfo, fingerprint: str, threads: int, limits: GrammarLimits) -> WorkerPool:
+    """One worker pool per tokenizer and settings, shared by every compiler that isolates."""
+    with _POOLS_LOCK:
+        key = (fingerprint, threads, limits)
+        if key not in _POOLS:
+            _POOLS[key] = WorkerPool(info, threads=threads, limits=limits)
+        return _POOLS[key]
 
 
 _FINGERPRINTS: dict[int, tuple[xgr.TokenizerInfo, str]] = {}  # id -> (info kept alive, digest)

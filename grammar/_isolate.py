@@ -1,0 +1,206 @@
+"""Compiles that can be stopped: worker processes build, check and compile constraints, and one is
+killed when its deadline passes. xgrammar's compile cannot be interrupted, so a compile in a thread
+of the server would keep burning CPU after its request was refused.
+
+A worker sends back the grammar (small) and, when its compile took long enough to be worth it, the
+compiled grammar serialised; otherwise the caller recompiles the grammar, known now to be quick.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import xgrammar as xgr
+
+from agentrt.errors import GrammarError
+from agentrt.grammar._bounds import GrammarLimits, check_grammar
+
+__all__ = ["WorkerPool", "Compiled", "constraint_param", "describe"]
+
+log = logging.getLogger(__name__)
+
+# A compile shorter than this is redone by the caller: serialising a compiled grammar can take
+# several times as long as compiling it (185 MB of JSON for 1,000 integer properties).
+RECOMPILE_BELOW = 1.0
+
+
+@dataclass
+class Compiled:
+    """What a worker sends back: the grammar, its warnings, the compile time, and the compiled
+    grammar serialised (None: compile it again, it is quick)."""
+
+    grammar_json: str
+    warnings: list[str]
+    seconds: float
+    compiled_json: str | None
+
+
+class _Worker:
+    """One worker process (`_main` in a fresh interpreter), spoken to in length-prefixed pickles
+    over its stdin and stdout: a fresh interpreter that never re-imports the caller's main module."""
+
+    def __init__(self, info_json: str, threads: int, limits: GrammarLimits) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _MAIN], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, start_new_session=True)
+        # the tokenizer (MBs) goes through the pipe as the worker starts reading: not on the caller's time
+        self._init = threading.Thread(target=self._send_init, args=(pickle.dumps((info_json, threads, limits)),),
+                                      daemon=True)
+        self._init.start()
+
+    def _send_init(self, blob: bytes) -> None:
+        try:
+            _send(self.proc.stdin, blob)
+        except (BrokenPipeError, ValueError, OSError):  # killed while starting
+            pass
+
+    def run(self, blob: bytes) -> Compiled | None:
+        """Blocking: compile the pickled constraint `blob` in the worker; None if the worker cannot
+        unpickle it (a class only the caller knows). EOFError if the worker is killed meanwhile."""
+        self._init.join()
+        try:
+            _send(self.proc.stdin, blob)
+        except (BrokenPipeError, ValueError, OSError) as e:
+            raise EOFError("the grammar worker exited") from e
+        kind, *rest = pickle.loads(_recv(self.proc.stdout))
+        if kind == "error":
+            raise GrammarError(rest[0], param=rest[1])
+        return Compiled(*rest) if kind == "ok" else None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=5)
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+def _send(f, blob: bytes) -> None:
+    f.write(struct.pack("<Q", len(blob)) + blob)
+    f.flush()
+
+
+def _recv(f) -> bytes:
+    head = f.read(8)
+    if len(head) < 8:
+        raise EOFError("the grammar worker exited")
+    (n,) = struct.unpack("<Q", head)
+    blob = f.read(n)
+    if len(blob) < n:
+        raise EOFError("the grammar worker exited")
+    return blob
+
+
+class WorkerPool:
+    """Worker processes for one tokenizer, started when first needed and reused; `kill` ends one
+    whose compile ran past its deadline, and the next compile starts a fresh one."""
+
+    def __init__(self, info: xgr.TokenizerInfo, *, threads: int, limits: GrammarLimits) -> None:
+        self._info_json: str | None = None
+        self._info = info
+        self._threads, self._limits = threads, limits
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+
+    def acquire(self) -> _Worker:
+        with self._lock:
+            while self._idle:
+                w = self._idle.pop()
+                if w.alive():
+                    return w
+            if self._info_json is None:
+                self._info_json = self._info.serialize_json()
+        return _Worker(self._info_json, self._threads, self._limits)
+
+    def release(self, worker: _Worker) -> None:
+        with self._lock:
+            self._idle.append(worker)
+
+    def prestart(self) -> None:
+        """Start one worker now, so the first compile does not wait for its start."""
+        self.release(self.acquire())
+
+    def kill(self, worker: _Worker) -> None:
+        """End `worker` (its compile ran past the deadline) and start its replacement."""
+        log.info("grammar worker %s killed at its deadline", worker.proc.pid)
+        worker.kill()
+        self.prestart()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for w in idle:
+            w.kill()
+
+    @property
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [w.proc.pid for w in self._idle if w.proc.pid is not None]
+
+
+def _serve(inp, out) -> None:
+    info_json, threads, limits = pickle.loads(_recv(inp))
+    info = xgr.TokenizerInfo.deserialize_json(info_json)
+    compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
+    while True:
+        try:
+            blob = _recv(inp)
+        except EOFError:
+            return
+        try:
+            constraint = pickle.loads(blob)
+        except Exception as e:  # noqa: BLE001 - the caller compiles it itself
+            _send(out, pickle.dumps(("unknown", f"{type(e).__name__}: {e}")))
+            continue
+        try:
+            grammar, warnings = constraint.build()
+            check_grammar(str(grammar), describe(constraint), limits, param=constraint_param(constraint))
+            t0 = time.perf_counter()
+            try:
+                compiled = compiler.compile_grammar(grammar)
+            except RuntimeError as e:
+                raise GrammarError(f"cannot compile {constraint!r}: {e}", param="grammar") from e
+            seconds = time.perf_counter() - t0
+            blob = compiled.serialize_json() if seconds >= RECOMPILE_BELOW else None
+            reply: tuple = ("ok", grammar.serialize_json(), list(warnings), seconds, blob)
+        except GrammarError as e:
+            reply = ("error", str(e), e.param)
+        except Exception as e:  # noqa: BLE001 - a constraint's own fault: reported to its caller
+            reply = ("error", f"cannot build {constraint!r}: {type(e).__name__}: {e}", "grammar")
+        _send(out, pickle.dumps(reply))
+
+
+def constraint_param(constraint: Any) -> str:
+    """The request parameter a constraint comes from, for error messages."""
+    return {"ToolCalls": "tools", "JsonSchema": "response_format", "Json": "response_format"}.get(
+        type(constraint).__name__, "grammar")
+
+
+def describe(constraint: Any) -> str:
+    """A constraint as an error message names it."""
+    return {"tools": "the tools' parameter schemas", "response_format": "the JSON schema"}.get(
+        constraint_param(constraint), f"the {type(constraint).__name__.lower()} grammar")
+
+
+def _main() -> None:
+    # stdout carries replies only: anything the libraries print goes to stderr
+    channel = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    logging.basicConfig(level=logging.WARNING)
+    _serve(sys.stdin.buffer, channel)
+
+
+_MAIN = "from agentrt.grammar._isolate import _main; _main()"
