@@ -38,12 +38,12 @@ class LocalBackend:
 
     kv_features = True
 
-    def __init__(self, engine, *, owns_engine: bool = False) -> None:
+    def __init__(self, engine, *, owns_engine: bool = False, compiler=None) -> None:
         from agentrt.grammar import GrammarCompiler
 
         self.engine = engine
         self.name = engine.name
-        self.compiler = GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size)
+        self.compiler = compiler or GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size)
         self._owns = owns_engine
 
     async def chat(self, messages: list[dict], options: ChatOptions, params: SamplingParams
@@ -60,6 +60,7 @@ class LocalBackend:
         if grammar is not None:
             compiled = await self.compiler.compile_async(Ebnf(grammar))
             matcher = Matcher(compiled, stop_token_ids=sorted(self.engine.eos_token_ids))
+            matcher.close_by(params.max_tokens)  # as every constrained path: open values close near the budget
         async for out in self.engine.stream(ids, params, matcher):
             if out.text:
                 yield out.text

@@ -280,14 +280,15 @@ def chat_constraint(options: ChatOptions, **schema_options: Any):
     kind = fmt.get("type")
     if kind == "text":
         return None
+    caps = {**grammar.TOOL_ARGUMENT_CAPS, **schema_options}  # the same defaults as tool arguments
     if kind == "json_object":
-        return grammar.Json()
+        return grammar.Json(**caps)
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
             raise InvalidRequestError("response_format.json_schema.schema must be a JSON schema object",
                                       param="response_format")
-        return grammar.JsonSchema(spec["schema"], strict=spec.get("strict"), **schema_options)
+        return grammar.JsonSchema(spec["schema"], strict=spec.get("strict"), **caps)
     raise InvalidRequestError(f"response_format type {kind!r} is not one of text, json_object, json_schema",
                               param="response_format")
 

@@ -67,6 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             for warning in compiled.warnings:
                 _console().print(f"[yellow]warning:[/] {warning}")
             matcher = Matcher(compiled, stop_token_ids=sorted(engine.eos_token_ids))
+            matcher.close_by(params.max_tokens)  # as every constrained path: open values close near the budget
         reason = _stream_to_stdout(engine, ids, params, matcher)
         logging.getLogger("agentrt").info("finish_reason=%s", reason)
         if reason == "length" and matcher is not None and not matcher.is_terminated():
@@ -97,7 +98,7 @@ def _constraint(args: argparse.Namespace):
         import json
 
         try:
-            return grammar.JsonSchema(json.loads(path.read_text()))
+            return grammar.JsonSchema(json.loads(path.read_text()), **grammar.TOOL_ARGUMENT_CAPS)
         except json.JSONDecodeError as exc:
             raise InvalidRequestError(f"{path} is not JSON: {exc}", param="json_schema") from exc
     if path.suffix == ".lark":
@@ -148,7 +149,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from agentrt.server import serve
 
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, dtype=args.dtype)
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, dtype=args.dtype,
+          api_key_file=args.api_key_file)
     return 0
 
 
@@ -213,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_opts(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes (visible "
+                   "in `ps`: prefer --api-key-file or $AGENTRT_API_KEY)")
+    s.add_argument("--api-key-file", default=None, help="read the API key from this file's first line")
     s.set_defaults(fn=cmd_serve)
 
     b = sub.add_parser("bench", help="run a benchmark from bench/ (engine, grammar, planner, hogwild, threads, "

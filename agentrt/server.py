@@ -4,14 +4,23 @@ Follows the Chat Completions contract as vLLM and SGLang implement it: `tools` /
 `parallel_tool_calls` and `response_format` are enforced by grammars, streaming uses SSE with
 tool-call deltas, errors use OpenAI's `{"error": {...}}` shape. A client that disconnects cancels
 its generation, which frees its KV pages.
+
+Hostile input is bounded: bodies over 8 MB (chunked ones too) get a 413, prompts are tokenised and
+grammars compiled off the event loop (compiles in worker processes killed at their deadline), every
+error, including 404/405 and faults, is OpenAI-shaped, and keywords a schema grammar cannot enforce
+come back in the `x-agentrt-grammar-warnings` header (`strict: true` refuses them instead).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import re
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -19,10 +28,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agentrt.chat import ChatOptions, ChatResult, prepare_chat, stream_chat
 from agentrt.errors import (AgentrtError, ContextLengthError, EngineClosedError, InvalidRequestError,
-                            ModelNotFoundError)
+                            ModelNotFoundError, OverloadedError)
 from agentrt.sampling import SamplingParams
 
 __all__ = ["create_app", "ChatCompletionRequest", "serve"]
@@ -30,6 +40,10 @@ __all__ = ["create_app", "ChatCompletionRequest", "serve"]
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 << 20
+API_KEY_ENV = "AGENTRT_API_KEY"
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # what OpenAI accepts
+WARNINGS_HEADER = "x-agentrt-grammar-warnings"
+_SEED_RANGE = (-(2**63), 2**64 - 1)  # what a torch generator takes
 
 
 class ChatCompletionRequest(BaseModel):
@@ -41,11 +55,11 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = None
     top_p: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=_SEED_RANGE[0], le=_SEED_RANGE[1])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -55,6 +69,7 @@ class ChatCompletionRequest(BaseModel):
     # extension: caps on tool arguments and json_schema replies for this request, e.g.
     # {"max_string_length": 512} or {"max_string_length": null} (defaults: grammar.TOOL_ARGUMENT_CAPS)
     grammar_options: dict[str, Any] | None = None
+    max_tool_calls: int | None = Field(default=None, ge=1)  # extension: calls one reply may make (default 8)
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -69,13 +84,31 @@ def _error_for(exc: AgentrtError) -> JSONResponse:
         return _error(400, str(exc), param=exc.param, code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError):
         return _error(400, str(exc), param=exc.param)
-    if isinstance(exc, EngineClosedError):
-        return _error(503, str(exc), type_="server_error")
+    if isinstance(exc, (EngineClosedError, OverloadedError)):
+        return _error(503, str(exc), type_="server_error", code="overloaded" if isinstance(exc, OverloadedError) else None)
     return _error(500, str(exc), type_="server_error")
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """The error inside task-group wrappers: the first agentrt error of an ExceptionGroup, else its first."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = next((e for e in exc.exceptions if isinstance(_leaf(e), AgentrtError)), exc.exceptions[0])
+    return exc
+
+
+def _error_of(exc: BaseException) -> JSONResponse:
+    """Any exception as an OpenAI-shaped error: agentrt errors by kind, anything else a 500."""
+    exc = _leaf(exc)
+    if isinstance(exc, AgentrtError):
+        return _error_for(exc)
+    log.error("internal error: %r", exc, exc_info=exc)
+    return _error(500, f"internal error: {type(exc).__name__}", type_="server_error")
+
+
 class _Guard:
-    """Body-size limit and API key, as plain ASGI (BaseHTTPMiddleware would hide client disconnects)."""
+    """Body-size limit and API key, as plain ASGI (BaseHTTPMiddleware would hide client disconnects).
+
+    A body without Content-Length (chunked) is read here, up to the limit, and handed on whole."""
 
     def __init__(self, app, api_key: str | None) -> None:
         self.app, self.api_key = app, api_key
@@ -85,13 +118,43 @@ class _Guard:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             length = headers.get("content-length", "")
             if length.isdigit() and int(length) > MAX_BODY_BYTES:
-                return await _error(413, f"request body of {length} bytes exceeds the limit of {MAX_BODY_BYTES} "
-                                         "bytes")(scope, receive, send)
+                return await _too_large(f"{length} bytes")(scope, receive, send)
             if self.api_key is not None and scope["path"].startswith("/v1/"):
-                if headers.get("authorization") != f"Bearer {self.api_key}":
+                if not secrets.compare_digest(headers.get("authorization", ""), f"Bearer {self.api_key}"):
                     return await _error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                                         code="invalid_api_key")(scope, receive, send)
+            if not length.isdigit() and scope.get("method") in ("POST", "PUT", "PATCH"):
+                body = bytearray()
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # the client left before its body arrived
+                    body += message.get("body", b"")
+                    if len(body) > MAX_BODY_BYTES:
+                        return await _too_large("more bytes")(scope, receive, send)
+                    if not message.get("more_body", False):
+                        break
+                receive = _replay(bytes(body), receive)
         await self.app(scope, receive, send)
+
+
+def _too_large(size: str) -> JSONResponse:
+    return _error(413, f"request body of {size} exceeds the limit of {MAX_BODY_BYTES} bytes",
+                  code="request_too_large")
+
+
+def _replay(body: bytes, receive):
+    """A `receive` that gives `body` as one message, then whatever the client sends (a disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 class AgentRunRequest(BaseModel):
@@ -113,11 +176,20 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
     """An app serving `engine` (an agentrt Engine). `model_names`: the ids clients may ask for;
     `tools`: what `POST /v1/agent/runs` may call (side-effecting tools are always refused here)."""
     from agentrt.backends import LocalBackend
+    from agentrt.grammar import GrammarCompiler, Json
 
     names = model_names or [engine.name or "agentrt"]
-    backend = LocalBackend(engine)
-    compiler = backend.compiler
-    app = FastAPI(title="agentrt", version="0.1.0")
+    # compiles in worker processes, killed at their deadline, two at a time
+    compiler = GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size, isolate=True)
+    backend = LocalBackend(engine, compiler=compiler)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        compiler.pool.prestart()  # the first request's compile does not wait for a worker to start
+        await anyio.to_thread.run_sync(compiler.compile, Json())  # json_object: the common shape
+        yield
+
+    app = FastAPI(title="agentrt", version="0.1.0", lifespan=lifespan)
     app.state.engine = engine
     created = int(time.time())
 
@@ -127,9 +199,28 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
     async def agentrt_error(_: Request, exc: AgentrtError) -> JSONResponse:
         return _error_for(exc)
 
+    @app.exception_handler(Exception)  # ExceptionGroups of task groups too: answered by the error inside
+    async def other_error(_: Request, exc: Exception) -> JSONResponse:
+        return _error_of(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"unknown route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"{request.url.path} does not accept {request.method}"
+        else:
+            message = str(exc.detail)
+        response = _error(exc.status_code, message, code="not_found" if exc.status_code == 404 else None)
+        response.headers.update(exc.headers or {})
+        return response
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # loc is a byte offset, not a parameter
+            return _error(400, f"invalid request: the body is not valid JSON ({first.get('ctx', {}).get('error', '')} "
+                               f"at byte {first.get('loc', ['', '?'])[-1]})")
         loc = [str(p) for p in first.get("loc", []) if p != "body"]
         return _error(400, f"invalid request: {first.get('msg', 'malformed body')} at {'.'.join(loc) or 'body'}",
                       param=".".join(loc) or None)
@@ -149,17 +240,22 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
             raise ModelNotFoundError(body.model, names)
         if body.n != 1:
             raise InvalidRequestError("only n=1 is supported", param="n")
+        _check_request(body, engine)
         options = ChatOptions(tools=body.tools or [], tool_choice=body.tool_choice or "auto",
                               parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format,
                               grammar=body.guided_grammar or body.ebnf,
-                              schema_options=_grammar_options(body.grammar_options))
-        prompt_ids, matcher = await prepare_chat(engine, compiler, body.messages, options)
+                              schema_options=_grammar_options(body.grammar_options),
+                              **({} if body.max_tool_calls is None else {"max_tool_calls": body.max_tool_calls}))
+        # tokenising and building the grammar are CPU work: a thread (with a loop of its own) does them
+        prompt_ids, matcher = await anyio.to_thread.run_sync(anyio.run, prepare_chat, engine, compiler,
+                                                             body.messages, options)
+        headers = _warning_headers(matcher)
         params = _sampling(body, len(prompt_ids), engine.max_context)
         rid = f"chatcmpl-{secrets.token_hex(12)}"
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(_sse(engine, prompt_ids, matcher, params, rid, body.model, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
         result: ChatResult | None = None
 
         async def run(scope: anyio.CancelScope) -> None:
@@ -175,9 +271,12 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
             log.info("%s: client disconnected, cancelling", rid)
             scope.cancel()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run, tg.cancel_scope)
-            tg.start_soon(watch, tg.cancel_scope)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, tg.cancel_scope)
+                tg.start_soon(watch, tg.cancel_scope)
+        except BaseExceptionGroup as group:  # the engine's error, not the task group's wrapper
+            raise _leaf(group) from None
         if result is None:  # the client went away; nobody reads this
             return Response(status_code=499)
         message: dict[str, Any] = {"role": "assistant", "content": result.content or None}
@@ -187,9 +286,10 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
                                      for c in result.tool_calls]
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": int(time.time()), "model": body.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None,
+                         "agentrt": _extension(result)}],
             "usage": _usage(result),
-        })
+        }, headers=headers)
 
     @app.post("/v1/agent/runs")
     async def agent_runs(body: AgentRunRequest) -> Response:
@@ -337,8 +437,59 @@ async def _thread_events(backend, registry, question: str, options, params: Samp
         yield line
 
 
+def _check_request(body: ChatCompletionRequest, engine) -> None:
+    """Refuse what OpenAI refuses, and prompts that cannot fit, before any CPU work is spent on them."""
+    for i, tool in enumerate(body.tools or []):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if isinstance(name, str) and not TOOL_NAME.fullmatch(name):
+            raise InvalidRequestError(f"tools[{i}].function.name {name[:80]!r} must match ^[a-zA-Z0-9_-]{{1,64}}$",
+                                      param=f"tools[{i}].function.name")
+    choice = body.tool_choice
+    if choice not in (None, "none", "auto") and not body.tools:
+        raise InvalidRequestError(f"tool_choice {choice!r} needs tools; this request has none", param="tool_choice")
+    size = 0
+    for i, m in enumerate(body.messages):
+        content = m.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise InvalidRequestError(f"messages[{i}].content must be a string, a list of parts or null",
+                                      param=f"messages[{i}].content")
+        size += len(json.dumps(content, ensure_ascii=False)) if content is not None else 0
+        calls = m.get("tool_calls")
+        if m.get("role") == "assistant" and calls is not None:
+            _check_tool_calls(calls, f"messages[{i}].tool_calls")
+    # a token is at most a few dozen bytes: a prompt this long cannot fit, so it is never tokenised
+    if size > engine.max_context * 64:
+        raise ContextLengthError(size // 64, engine.max_context,
+                                 message=f"input too long: {size} characters cannot fit the model's context of "
+                                         f"{engine.max_context} tokens; shorten the prompt")
+
+
+def _check_tool_calls(calls: Any, param: str) -> None:
+    if not isinstance(calls, list):
+        raise InvalidRequestError(f"{param} must be a list of tool calls", param=param)
+    for k, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise InvalidRequestError(f"{param}[{k}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                                      "\"arguments\": ...}}}", param=f"{param}[{k}]")
+        args = fn.get("arguments")
+        if args is not None and not isinstance(args, (str, dict)):
+            raise InvalidRequestError(f"{param}[{k}].function.arguments must be a JSON string",
+                                      param=f"{param}[{k}].function.arguments")
+
+
+def _warning_headers(matcher) -> dict[str, str]:
+    """What the request's grammar does not enforce, for the client to see (not only in our log)."""
+    warnings = list(getattr(matcher, "warnings", None) or [])
+    if not warnings:
+        return {}
+    text = json.dumps(warnings)  # ASCII: safe in a header
+    return {WARNINGS_HEADER: text if len(text) <= 4096 else json.dumps(warnings[:8] + [f"... {len(warnings)} in all"])}
+
+
 def _sampling(body: ChatCompletionRequest, prompt_len: int, max_context: int) -> SamplingParams:
-    limit = body.max_completion_tokens or body.max_tokens
+    limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     room = max_context - prompt_len
     if room < 1:
         raise ContextLengthError(prompt_len, max_context)
@@ -355,6 +506,12 @@ def _sampling(body: ChatCompletionRequest, prompt_len: int, max_context: int) ->
     )
 
 
+def _extension(result: ChatResult) -> dict:
+    """The `agentrt` field of a finished choice: `incomplete` when max_tokens cut a constrained output
+    before its grammar could end (finish_reason is then "length"), `refused_calls` for exact repeats."""
+    return {"incomplete": result.incomplete, "refused_calls": result.refused}
+
+
 def _usage(result: ChatResult) -> dict:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "total_tokens": result.prompt_tokens + result.completion_tokens}
@@ -363,10 +520,13 @@ def _usage(result: ChatResult) -> dict:
 async def _sse(engine, prompt_ids, matcher, params, rid: str, model: str, include_usage: bool):
     created = int(time.time())
 
-    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True,
+              extension: dict | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        if extension is not None:
+            choice["agentrt"] = extension
         obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                               "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-                               if choices else []}
+                               "choices": [choice] if choices else []}
         if usage is not None:
             obj["usage"] = usage
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -375,7 +535,7 @@ async def _sse(engine, prompt_ids, matcher, params, rid: str, model: str, includ
     try:
         async for ev in stream_chat(engine, prompt_ids, matcher, params):
             if isinstance(ev, ChatResult):
-                yield chunk({}, ev.finish_reason)
+                yield chunk({}, ev.finish_reason, extension=_extension(ev))
                 if include_usage:
                     yield chunk({}, usage=_usage(ev), choices=False)
             elif ev.kind == "content":
@@ -385,24 +545,41 @@ async def _sse(engine, prompt_ids, matcher, params, rid: str, model: str, includ
                                              "function": {"name": ev.name, "arguments": ""}}]})
             else:
                 yield chunk({"tool_calls": [{"index": ev.index, "function": {"arguments": ev.text}}]})
-    except AgentrtError as exc:  # the status line is gone: report in-band, as OpenAI does
-        log.warning("%s failed mid-stream: %s", rid, exc)
-        yield f"data: {json.dumps(json.loads(_error_for(exc).body))}\n\n"
+    except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band, as OpenAI does
+        log.warning("%s failed mid-stream: %r", rid, exc)
+        yield f"data: {json.dumps(json.loads(_error_of(exc).body))}\n\n"
     yield "data: [DONE]\n\n"
 
 
+def resolve_api_key(api_key: str | None = None, api_key_file: str | Path | None = None) -> str | None:
+    """The key to require: given directly, read from a file (first line), or from $AGENTRT_API_KEY
+    (a key on the command line is visible to every user of the machine in `ps`)."""
+    if api_key_file is not None:
+        try:
+            key = Path(api_key_file).read_text().strip()
+        except OSError as e:
+            raise InvalidRequestError(f"cannot read the API key file {api_key_file}: {e.strerror}",
+                                      param="api_key_file") from None
+        if not key:
+            raise InvalidRequestError(f"the API key file {api_key_file} is empty", param="api_key_file")
+        return key
+    return api_key or os.environ.get(API_KEY_ENV) or None
+
+
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          device: str | None = None, dtype: str | None = None) -> None:
+          device: str | None = None, dtype: str | None = None, api_key_file: str | None = None) -> None:
     """Load `model` and serve it until interrupted (what `agentrt serve` runs). The agent-runs
-    extension gets the calculator; register your own tools with `create_app(..., tools=[...])`."""
+    extension gets the calculator; register your own tools with `create_app(..., tools=[...])`.
+    The API key comes from `api_key`, `api_key_file` or $AGENTRT_API_KEY (none: no key required)."""
     import uvicorn
 
     from agentrt.engine import Engine
     from agentrt.tools import calculator
 
+    key = resolve_api_key(api_key, api_key_file)
     engine = Engine.load(model, device=device, dtype=dtype)
     try:
-        uvicorn.run(create_app(engine, api_key=api_key, tools=[calculator]), host=host, port=port,
+        uvicorn.run(create_app(engine, api_key=key, tools=[calculator]), host=host, port=port,
                     log_level="info")
     finally:
         engine.close()

@@ -265,6 +265,7 @@ async def run_thread(model: Any, question: str, tools: ToolRegistry | Iterable[A
     from agentrt.grammar import Matcher
 
     matcher = Matcher(compiled, stop_token_ids=sorted(engine.eos_token_ids))
+    matcher.close_by(params.max_tokens)  # as every constrained path: open values close near the budget
     prompt_ids = engine.chat_prompt(thread_messages(question, schema, registry, instructions))
     stats = ThreadStats(pruning=options.pruning, prompt_tokens=len(prompt_ids))
     loop = asyncio.get_running_loop()
