@@ -27,8 +27,9 @@ from agentrt.control import SequenceController, SequenceHandle
 from agentrt.errors import (ContextLengthError, EngineClosedError, EngineError, InvalidRequestError,
                             KVCacheError)
 from agentrt.kv import KVPool, KVSequence, OutOfPagesError
-from agentrt.model import AttentionGroup, BatchInput, Transformer, shared_prefix
-from agentrt.sampling import Detokenizer, SamplingParams, StopChecker, sample
+from agentrt.exact import DETERMINISTIC_TILES, PREFILL_TILES
+from agentrt.model import AttentionGroup, BatchInput, ExactRows, Transformer, shared_prefix
+from agentrt.sampling import Detokenizer, SamplingParams, StopChecker, sample, token_logprobs
 
 __all__ = ["Engine", "Output", "Completion", "feed_sequence"]
 
@@ -46,6 +47,9 @@ class Output:
     completion_tokens: int = 0
     incomplete: bool = False  # a constrained output cut short before its grammar could end
     error: BaseException | None = None
+    # with SamplingParams(logprobs=True): each token's log-probability under the model's distribution
+    # after the grammar's mask (temperature 1); None for tokens the grammar forced or a controller wrote
+    logprobs: list[float | None] | None = None
 
 
 @dataclass
@@ -56,6 +60,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     incomplete: bool = False
+    logprobs: list[float | None] | None = None
 
 
 @dataclass(eq=False)
@@ -77,6 +82,7 @@ class _Request:
     control: SequenceController | None = None  # sees every accepted token; may pause, inject, prune
     paused: bool = False  # keeps its pages but is not scheduled (a tool is running)
     removed: list[tuple[int, int]] = field(default_factory=list)  # pruned output spans [a, b), sorted
+    prefill_until: int = 0  # fed tokens before this index came by prefill (batch-invariant kernels)
 
     @property
     def context_length(self) -> int:
@@ -97,13 +103,14 @@ class _Work:
     req: _Request
     n: int  # tokens fed this step
     samples: bool  # its pending runs out this step: sample a next token
+    exact: bool = False  # fed by the batch-invariant kernels (prefill; every row when deterministic)
 
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer, *, eos_token_ids: list[int] | None = None,
                  kv_tokens: int = 32768, page_size: int = 16, max_batch_tokens: int = 512,
                  max_batch_size: int = 32, name: str = "", mask_overlap: bool | None = None,
-                 cuda_graphs: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, deterministic: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -128,6 +135,13 @@ class Engine:
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = eos
+        # Prefills always run the batch-invariant kernels (agentrt.exact), so a prefix read from the cache
+        # equals a fresh prefill. Deterministic mode runs every row through them, decode steps included:
+        # a request's tokens then never depend on what shares its batch (costlier decode; RESULTS.md).
+        if deterministic is None:
+            deterministic = os.environ.get("AGENTRT_DETERMINISTIC", "") not in ("", "0")
+        self.deterministic = bool(deterministic)
+        self._tiles = DETERMINISTIC_TILES if self.deterministic else PREFILL_TILES
         self._ids = itertools.count(1)
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # async consumers' Outputs of this step
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -142,7 +156,10 @@ class Engine:
         if cuda_graphs is None:
             from agentrt.kernels import triton_ready
 
-            cuda_graphs = triton_ready(self.device) and _graphable(cfg)
+            cuda_graphs = triton_ready(self.device) and _graphable(cfg) and not self.deterministic
+        if cuda_graphs and self.deterministic:
+            raise InvalidRequestError("deterministic mode runs the batch-invariant kernels, not CUDA graphs",
+                                      param="cuda_graphs")
         self._masks: torch.Tensor | None = None  # grammar bitmasks, reused step to step
         # a CUDA forward returns before it is computed: outputs are delivered while it runs
         self._async_forward = self.device.type == "cuda"
@@ -418,6 +435,7 @@ class Engine:
                 return
             self._waiting.popleft()
             req.seq, req.fed_ids, req.pending = seq, tokens[:seq.length], tokens[seq.length:]
+            req.prefill_until = len(tokens)
             self._running.append(req)
 
     def _preempt(self, keep: _Request) -> bool:
@@ -446,8 +464,10 @@ class Engine:
                     if not self._preempt(keep=req):
                         raise
             budget -= n
-            work.append(_Work(req, n, n == len(req.pending)))
-        return [w for w in work if w.req.seq is not None]
+            exact = self.deterministic or len(req.fed_ids) < req.prefill_until
+            work.append(_Work(req, n, n == len(req.pending), exact))
+        # rows of the fastest kernels first, then the batch-invariant ones (BatchInput.exact)
+        return sorted((w for w in work if w.req.seq is not None), key=lambda w: w.exact)
 
     def step(self) -> None:
         """One engine step: admit, schedule, forward (masks filled meanwhile), sample, stream out."""
@@ -478,16 +498,20 @@ class Engine:
 
             rows = [i for i, _ in constrained]
             xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
-        tokens = sample(logits, [w.req.params for w in sampling], [w.req.generator for w in sampling]) if sampling else []
+        params = [w.req.params for w in sampling]
+        tokens = sample(logits, params, [w.req.generator for w in sampling]) if sampling else []
+        logprobs = token_logprobs(logits, tokens, params)
         self.steps += 1
         for w in work:
             req = w.req
             req.fed_ids.extend(req.pending[:w.n])
             del req.pending[:w.n]
-            self.pool.register_prefix(req.seq, req.fed_ids)
-        for w, token in zip(sampling, tokens):
+            # the cache offers only keys a fresh prefill would compute bit for bit
+            self.pool.register_prefix(req.seq, req.fed_ids if self.deterministic else
+                                      req.fed_ids[:req.prefill_until])
+        for w, token, logprob in zip(sampling, tokens, logprobs):
             try:
-                self._advance(w.req, token)
+                self._advance(w.req, token, logprob)
             except Exception as exc:  # a faulty constraint fails its own request only
                 log.exception("request %d failed", w.req.id)
                 self._finish(w.req, "cancelled", error=EngineError(f"request failed: {exc}"))
@@ -502,41 +526,37 @@ class Engine:
     def _forward(self, work: list[_Work]) -> torch.Tensor:
         """Logits for the step's sampling rows, from a replayed CUDA graph where there is one."""
         graphs = self._graphs
-        if graphs is not None and graphs.fits(sum(w.n for w in work), sum(w.samples for w in work),
-                                              max(w.req.seq.length for w in work)):
+        if graphs is not None and not any(w.exact for w in work) and graphs.fits(
+                sum(w.n for w in work), sum(w.samples for w in work), max(w.req.seq.length for w in work)):
             return graphs.run([(w.req.seq, w.req.pending[:w.n]) for w in work],
                               [i for i, w in enumerate(work) if w.samples])
         return self.model(self._build_batch(work), self.pool.k, self.pool.v)
 
     def _build_batch(self, work: list[_Work]) -> BatchInput:
+        """The step's rows in `work` order (fast rows, then batch-invariant ones): one attention group
+        per multi-token chunk, one for the single-token rows of each kind."""
         ids, positions, slots, groups, logits_rows = [], [], [], [], []
-        decode_rows, decode_slots = [], []
-        row = 0
+        singles: dict[bool, tuple[list[int], list[torch.Tensor]]] = {False: ([], []), True: ([], [])}
+        row, exact_row, exact_logit = 0, None, None
         for w in work:
             seq, total = w.req.seq, w.req.seq.length
             start = total - w.n
+            if w.exact and exact_row is None:
+                exact_row, exact_logit = row, len(logits_rows)
             ids.extend(w.req.pending[:w.n])
             positions.extend(seq.positions[start:])
-            new_slots = self.pool.slots(seq, start, total)
-            slots.append(new_slots)
+            slots.append(self.pool.slots(seq, start, total))
             if w.n == 1:
-                decode_rows.append(row)
-                decode_slots.append(self.pool.slots(seq))
+                singles[w.exact][0].append(row)
+                singles[w.exact][1].append(self.pool.slots(seq))
             else:
-                groups.append(chunk_group(self.pool, seq, row, w.n))
+                groups.append(chunk_group(self.pool, seq, row, w.n, exact=w.exact))
             row += w.n
             if w.samples:
                 logits_rows.append(row - 1)
-        if decode_rows:
-            t = max(len(s) for s in decode_slots)
-            padded = torch.zeros(len(decode_rows), t, dtype=torch.long)
-            mask = torch.zeros(len(decode_rows), 1, 1, t, dtype=torch.bool)
-            for i, s in enumerate(decode_slots):
-                padded[i, :len(s)] = s
-                mask[i, 0, 0, :len(s)] = True
-            # requests whose prompts share cached pages read those keys once (cascade, on CPU)
-            shared = shared_prefix(padded, [len(s) for s in decode_slots])
-            groups.append(AttentionGroup(torch.tensor(decode_rows).view(-1, 1), padded, mask, shared=shared))
+        for exact, (rows, seq_slots) in singles.items():
+            if rows:
+                groups.append(_single_token_group(rows, seq_slots, exact))
         dev = self.device
         return BatchInput(
             input_ids=torch.tensor(ids, device=dev),
@@ -544,9 +564,10 @@ class Engine:
             write_slots=torch.cat(slots).to(dev),
             groups=[g.to(dev) for g in groups],
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            exact=None if exact_row is None else ExactRows(exact_row, exact_logit, self._tiles),
         )
 
-    def _advance(self, req: _Request, token: int) -> None:
+    def _advance(self, req: _Request, token: int, logprob: float | None = None) -> None:
         """Take a sampled token: grammar, stop conditions, jump-forward, stream the text out."""
         c = req.constraint
         if c is not None and not c.accept_token(token):
@@ -554,9 +575,9 @@ class Engine:
         req.output_ids.append(token)
         if token in req.stop_ids and (c is None or c.is_terminated()):
             return self._finish(req, "stop")
-        self._take(req, [token])
+        self._take(req, [token], logprob)
 
-    def _take(self, req: _Request, new: list[int]) -> None:
+    def _take(self, req: _Request, new: list[int], logprob: float | None = None) -> None:
         """Tokens accepted and appended to the output: jump-forward, stop conditions, stream out, control."""
         c = req.constraint
         if c is not None and not c.is_terminated():
@@ -565,7 +586,8 @@ class Engine:
         ended = req.stopper.stopped or (c is not None and c.is_terminated())
         if not ended:
             req.pending.extend(new)
-        self._emit(req, Output(text, new))
+        logprobs = [logprob] + [None] * (len(new) - 1) if req.params.logprobs else None
+        self._emit(req, Output(text, new, logprobs=logprobs))
         if req.control is not None and not req.done:
             req.control.on_tokens(SequenceHandle(self, req), new)
         if ended:
@@ -614,28 +636,43 @@ def template_ids(tokenizer, messages: list[dict], **template_kwargs) -> list[int
     return list(out)
 
 
-def chunk_group(pool: KVPool, seq: KVSequence, row: int, n: int) -> AttentionGroup:
-    """Attention for the last `n` tokens of `seq` (already appended), fed at batch rows row..row+n-1."""
+def chunk_group(pool: KVPool, seq: KVSequence, row: int, n: int, exact: bool = False) -> AttentionGroup:
+    """Attention for the last `n` tokens of `seq` (already appended), fed at batch rows row..row+n-1;
+    `exact`: by the batch-invariant kernel."""
     total, start = seq.length, seq.length - n
     rows = torch.arange(row, row + n).view(1, -1)
-    if start == 0:
+    if start == 0 and not exact:
         return AttentionGroup(rows, None, None)  # plain causal over the fresh keys
     mask = torch.ones(n, total, dtype=torch.bool).tril(diagonal=start)  # query i sees keys 0 .. start + i
-    return AttentionGroup(rows, pool.slots(seq).view(1, -1), mask.view(1, 1, n, total))
+    return AttentionGroup(rows, pool.slots(seq).view(1, -1), mask.view(1, 1, n, total), exact=exact)
+
+
+def _single_token_group(rows: list[int], seq_slots: list[torch.Tensor], exact: bool) -> AttentionGroup:
+    """One new token per sequence at `rows`, each over its own keys (padded to the longest)."""
+    t = max(len(s) for s in seq_slots)
+    padded = torch.zeros(len(rows), t, dtype=torch.long)
+    mask = torch.zeros(len(rows), 1, 1, t, dtype=torch.bool)
+    for i, s in enumerate(seq_slots):
+        padded[i, :len(s)] = s
+        mask[i, 0, 0, :len(s)] = True
+    # requests whose prompts share cached pages read those keys once (cascade, on CPU)
+    shared = 0 if exact else shared_prefix(padded, [len(s) for s in seq_slots])
+    return AttentionGroup(torch.tensor(rows).view(-1, 1), padded, mask, shared=shared, exact=exact)
 
 
 def feed_sequence(model: Transformer, pool: KVPool, seq: KVSequence, tokens: list[int],
                   positions: list[int] | None = None) -> torch.Tensor:
-    """Feed `tokens` to one sequence outside the engine loop; logits for each of them: [n, V].
+    """Feed `tokens` to one sequence outside the engine loop, as the engine prefills (batch-invariant
+    kernels); logits for each of them: [n, V].
 
     For tests and KV surgery checks (a fresh prefill to compare a pruned sequence against).
     """
     n = len(tokens)
     slots = pool.append(seq, n, positions)
     dev = pool.k.device
-    g = chunk_group(pool, seq, 0, n).to(dev)
+    g = chunk_group(pool, seq, 0, n, exact=True).to(dev)
     batch = BatchInput(torch.tensor(tokens, device=dev), torch.tensor(seq.positions[-n:], device=dev),
-                       slots.to(dev), [g], torch.arange(n, device=dev))
+                       slots.to(dev), [g], torch.arange(n, device=dev), ExactRows(0, 0))
     return model(batch, pool.k, pool.v)
 
 
@@ -681,4 +718,5 @@ def _collect(parts: list[Output]) -> Completion:
         prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens,
         incomplete=last.incomplete,
+        logprobs=[lp for p in parts for lp in p.logprobs or []] if any(p.logprobs for p in parts) else None,
     )

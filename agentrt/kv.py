@@ -61,6 +61,7 @@ class KVPool:
         self._by_hash: dict[int, int] = {}
         self._hash_of: dict[int, int] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()
+        self.prefix_hit_tokens = 0  # tokens whose K/V new sequences took from the prefix cache
 
     # --- page accounting -------------------------------------------------------------------
     @property
@@ -262,4 +263,5 @@ class KVPool:
             seq.pages.append(page)
             seq.positions.extend(range(i * self.page_size, (i + 1) * self.page_size))
             seq.page_hash, seq.num_hashed = h, i + 1
+        self.prefix_hit_tokens += seq.length
         return seq

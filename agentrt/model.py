@@ -8,6 +8,7 @@ Linear layers run on all new tokens of the batch at once ([N, hidden]); attentio
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agentrt import kernels
+from agentrt import exact, kernels
 from agentrt.errors import UnsupportedModelError
 from agentrt.models import DTYPE_CHOICES
 
-__all__ = ["ModelConfig", "Rotary", "AttentionGroup", "BatchInput", "DecodeInput", "Transformer", "load_transformer",
-           "resolve_dtype", "shared_prefix"]
+__all__ = ["ModelConfig", "Rotary", "AttentionGroup", "BatchInput", "ExactRows", "DecodeInput", "Transformer",
+           "load_transformer", "resolve_dtype", "shared_prefix"]
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = {name: getattr(torch, name) for name in DTYPE_CHOICES if name != "auto"}
@@ -32,9 +33,13 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -
     That is every CUDA GPU we run on, and CPUs with AVX512-BF16 or AMX: there a decode step streams half
     the bytes and oneDNN's bf16 GEMM keeps small batches nearly free (on a 2-core EPYC, batch 1 is 1.2x
     faster than fp32 and batch 4 costs 1.14x batch 1, against 1.5x in fp32). Other CPUs emulate bf16,
-    so they stay in fp32."""
+    so they stay in fp32. The environment variable AGENTRT_DTYPE, when set, stands in for None / "auto"."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype in (None, "auto"):
+        dtype = os.environ.get("AGENTRT_DTYPE") or None
+        if dtype == "auto":
+            dtype = None
     if dtype not in (None, "auto"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
@@ -192,13 +197,23 @@ class AttentionGroup:
     # the first `shared` keys are the same slots in every row, unmoved and visible to every query (the
     # hogwild history): on CPU they are read once for the whole group (cascade attention)
     shared: int = 0
+    exact: bool = False  # batch-invariant attention (agentrt.exact); needs slots, no key_delta
 
     def to(self, device: torch.device | str) -> AttentionGroup:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
         return AttentionGroup(self.rows.to(device), move(self.slots), move(self.mask), move(self.key_delta),
-                              self.delta_from, self.shared)
+                              self.delta_from, self.shared, self.exact)
+
+
+@dataclass(frozen=True)
+class ExactRows:
+    """The batch rows from `row` on (and logits rows from `logit` on) run the batch-invariant kernels."""
+
+    row: int
+    logit: int
+    tiles: exact.Tiles = exact.PREFILL_TILES
 
 
 @dataclass
@@ -208,6 +223,15 @@ class BatchInput:
     write_slots: torch.Tensor  # [N] where each new token's K/V go in the pool
     groups: list[AttentionGroup]
     logits_rows: torch.Tensor  # [M] rows whose next-token logits are wanted
+    exact: ExactRows | None = None  # None: every row takes the fastest kernels
+
+
+def linear(layer: nn.Linear, x: torch.Tensor, split: int | None, tiles: exact.Tiles | None) -> torch.Tensor:
+    """layer(x), rows from `split` on by the batch-invariant kernel; x: [N, in] -> [N, out]."""
+    if split is None or split >= x.shape[0]:
+        return layer(x)
+    tail = exact.linear(x[split:], layer.weight, layer.bias, tiles.rows)
+    return tail if split == 0 else torch.cat([layer(x[:split]), tail])
 
 
 @dataclass
@@ -236,7 +260,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, batch: BatchInput, masks: list, key_rot: list, k_pool, v_pool) -> torch.Tensor:
         n, kv, d, rep = x.shape[0], self.kv, self.d, self.h // self.kv
-        q, k, v = self.qkv(x).split([self.h * d, kv * d, kv * d], dim=-1)
+        split, tiles = (None, None) if batch.exact is None else (batch.exact.row, batch.exact.tiles)
+        q, k, v = linear(self.qkv, x, split, tiles).split([self.h * d, kv * d, kv * d], dim=-1)
         q, k, v = q.view(n, self.h, d), k.view(n, kv, d), v.view(n, kv, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -248,6 +273,14 @@ class Attention(nn.Module):
         for g, mask, rot in zip(batch.groups, masks, key_rot):
             b, nq = g.rows.shape
             rows = g.rows.reshape(-1)
+            if g.exact:  # mask: the bool [b, 1, rep * q, T] prefix mask
+                t = g.slots.shape[1]
+                kg = k_pool.index_select(0, g.slots.reshape(-1)).view(b, t, kv, d).transpose(1, 2)
+                vg = v_pool.index_select(0, g.slots.reshape(-1)).view(b, t, kv, d).transpose(1, 2)
+                qg = q.index_select(0, rows).view(b, nq, kv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, kv, rep * nq, d)
+                o = exact.attention(qg, kg, vg, mask, tiles)
+                out[rows] = o.view(b, kv, rep, nq, d).permute(0, 3, 1, 2, 4).reshape(b * nq, self.h, d)
+                continue
             if g.slots is None:  # fresh prefill: causal over its own keys
                 qg = q.index_select(0, rows).view(b, nq, self.h, d).transpose(1, 2)  # [b, H, q, D]
                 kg = k.index_select(0, rows).view(b, nq, kv, d).transpose(1, 2)  # [b, KV, q, D]
@@ -270,7 +303,7 @@ class Attention(nn.Module):
             else:
                 o = F.scaled_dot_product_attention(qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=mask)
             out[rows] = o.view(b, kv, rep, nq, d).permute(0, 3, 1, 2, 4).reshape(b * nq, self.h, d)
-        return self.o(out.view(n, self.h * d))
+        return linear(self.o, out.view(n, self.h * d), split, tiles)
 
     def decode(self, x, cos, sin, step: DecodeInput, k_pool, v_pool, page_size: int, inv_freq) -> torch.Tensor:
         n, kv, d = x.shape[0], self.kv, self.d
@@ -290,9 +323,9 @@ class MLP(nn.Module):
         self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, split: int | None = None, tiles: exact.Tiles | None = None) -> torch.Tensor:
+        gate, up = linear(self.gate_up, x, split, tiles).chunk(2, dim=-1)
+        return linear(self.down, F.silu(gate) * up, split, tiles)
 
 
 class Block(nn.Module):
@@ -319,17 +352,22 @@ class Transformer(nn.Module):
         # k_pools, v_pools: [L, S, KV, D]; returns logits [M, V] in fp32
         x = self.embed(batch.input_ids)  # [N, hidden]
         rope = Rotary.turns(*self.rotary.cos_sin(batch.positions), x.dtype)  # [N, 1, D] each, for every layer
-        masks = [self._additive_mask(g, x.dtype) for g in batch.groups]
+        masks = [self._grouped_mask(g) if g.exact else self._additive_mask(g, x.dtype) for g in batch.groups]
+        split, tiles = (None, None) if batch.exact is None else (batch.exact.row, batch.exact.tiles)
         # cos/sin re-rotating gathered keys by key_delta: once per forward, not per layer
         key_rot = [None if g.key_delta is None else
                    Rotary.turns(*self.rotary.cos_sin(g.key_delta[:, g.delta_from:], scaled=False), x.dtype)
                    for g in batch.groups]
         for i, layer in enumerate(self.layers):
             x = x + layer.attn(layer.attn_norm(x), rope, batch, masks, key_rot, k_pools[i], v_pools[i])
-            x = x + layer.mlp(layer.mlp_norm(x))
+            x = x + layer.mlp(layer.mlp_norm(x), split, tiles)
         x = self.norm(x[batch.logits_rows])  # [M, hidden]
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()
+        split = None if batch.exact is None else batch.exact.logit
+        if split is None or split >= x.shape[0]:
+            return F.linear(x, head).float()
+        tail = exact.linear(x[split:], head, None, tiles.rows)
+        return (tail if split == 0 else torch.cat([F.linear(x[:split], head), tail])).float()
 
 
     @torch.inference_mode()
@@ -351,6 +389,12 @@ class Transformer(nn.Module):
             h, res = kernels.add_rms_norm(m, res, nxt.weight, eps)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, head).float()  # [R, V]
+
+    def _grouped_mask(self, g: AttentionGroup) -> torch.Tensor:
+        """[b, 1, q, T] bool -> [b, 1, rep * q, T] bool, rows ordered like grouped queries."""
+        rep = self.cfg.num_heads // self.cfg.num_kv_heads
+        b, _, nq, t = g.mask.shape
+        return g.mask.unsqueeze(2).expand(b, 1, rep, nq, t).reshape(b, 1, rep * nq, t)
 
     def _additive_mask(self, g: AttentionGroup, dtype: torch.dtype) -> torch.Tensor | None:
         """[b, 1, q, T] bool -> [b, 1, rep * q, T] additive (0 / -inf), rows ordered like grouped queries."""

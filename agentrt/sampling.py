@@ -14,7 +14,7 @@ import torch
 
 from agentrt.errors import SamplingParamError
 
-__all__ = ["SamplingParams", "sample", "Detokenizer", "StopChecker"]
+__all__ = ["SamplingParams", "sample", "token_logprobs", "Detokenizer", "StopChecker"]
 
 
 @dataclass
@@ -27,6 +27,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)  # added to the model's EOS ids
     ignore_eos: bool = False
+    logprobs: bool = False  # report each sampled token's log-probability (Output.logprobs)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -76,6 +77,19 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             sorted_p = sorted_p.masked_fill(cut, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
         out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], params: list[SamplingParams]) -> list[float | None]:
+    """log softmax(logits)[token] for the rows whose params ask for logprobs, None elsewhere."""
+    rows = [i for i, p in enumerate(params) if p.logprobs]
+    out: list[float | None] = [None] * len(tokens)
+    if rows:
+        index = torch.tensor(rows, device=logits.device)
+        chosen = torch.tensor([tokens[i] for i in rows], device=logits.device)
+        values = torch.log_softmax(logits.index_select(0, index), dim=-1).gather(1, chosen[:, None])
+        for i, v in zip(rows, values.view(-1).tolist()):
+            out[i] = v
     return out
 
 

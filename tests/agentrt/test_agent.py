@@ -90,10 +90,11 @@ class City(BaseModel):
 
 
 @pytest.mark.slow
-def test_output_type_gives_a_validated_value(smol_engine):
+def test_output_type_gives_a_validated_value(smol_engine, smol_knows_trivia):
     agent = agentrt.Agent(LocalBackend(smol_engine), output_type=City, max_tokens=60)
     result = agent.run_sync("Which city is the capital of France?")
-    assert isinstance(result.output, City) and result.output.name == "Paris"
+    assert isinstance(result.output, City) and result.output.name
+    assert result.output.name == "Paris" or not smol_knows_trivia
 
 
 def test_remote_backend_talks_to_an_openai_compatible_server(tiny_engine):
