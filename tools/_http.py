@@ -27,8 +27,25 @@ async def _check_host(host: str) -> None:
         infos = await anyio.getaddrinfo(host, None, type=socket.SOCK_STREAM)
         addrs = [ipaddress.ip_address(info[4][0]) for info in infos]
     for addr in addrs:
-        if not addr.is_global:
+        if not _public(addr):
             raise PermissionError(f"refusing to fetch {host!r}: it resolves to non-public address {addr}")
+
+
+# IPv6 prefixes whose last 32 bits are an IPv4 address: IPv4-compatible (deprecated) and NAT64
+_V4_IN_LOW_BITS = [ipaddress.ip_network("::/96"), ipaddress.ip_network("64:ff9b::/96"),
+                   ipaddress.ip_network("64:ff9b:1::/48")]
+
+
+def _public(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A global unicast address, and so is every IPv4 address an IPv6 one carries (mapped, compatible,
+    NAT64, 6to4, Teredo): `::169.254.169.254` reaches the same metadata service as 169.254.169.254."""
+    if addr.is_multicast or not addr.is_global:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address):
+        inner = [addr.ipv4_mapped, addr.sixtofour, *(addr.teredo or ())]
+        inner += [ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF) for net in _V4_IN_LOW_BITS if addr in net]
+        return all(_public(v4) for v4 in inner if v4 is not None)
+    return True
 
 
 def make_http_get(

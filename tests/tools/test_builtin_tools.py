@@ -48,7 +48,10 @@ async def test_http_get_fetches_and_caps_size() -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["http://127.0.0.1/", "http://localhost:8000/x", "http://10.1.2.3/", "http://[::1]/", "http://169.254.169.254/"]
+    "url", ["http://127.0.0.1/", "http://localhost:8000/x", "http://10.1.2.3/", "http://[::1]/", "http://169.254.169.254/",
+            # the same addresses inside IPv6 forms: compatible, mapped, NAT64, 6to4, and multicast
+            "http://[::169.254.169.254]/", "http://[::ffff:10.0.0.1]/", "http://[64:ff9b::a9fe:a9fe]/",
+            "http://[2002:a9fe:a9fe::]/", "http://[ff0e::1]/", "http://224.0.0.251/"]
 )
 async def test_http_get_refuses_private_and_loopback(url: str) -> None:
     get = make_http_get(transport=_transport())
