@@ -94,6 +94,7 @@ class _Rule:
 _RULE_HEAD = re.compile(r"^([A-Za-z_][\w.]*) ::= ", re.M)
 _NAME = re.compile(r"[A-Za-z_][\w.]*")
 _REPEAT = re.compile(r"\{\s*(-?\d+)\s*(?:,\s*(-?\d+)\s*)?\}")
+_CALL = re.compile(r"[A-Za-z_]\w*\(")
 _TAG_PAIR = re.compile(r'\(\s*"(?:[^"\\]|\\.)*"\s*,\s*([A-Za-z_][\w.]*)\s*\)')
 
 
@@ -113,7 +114,7 @@ class _Body:
         self.name, self.s, self.i, self.rules, self.groups = name, body, 0, rules, 0
 
     def parse(self) -> None:
-        if self.s.startswith("TagDispatch("):  # free text with tags that start rules: may end at once
+        if _CALL.match(self.s):  # TagDispatch(...) (free text, tags start rules), Regex(...): may end at once
             rule = self.rules.setdefault(self.name, _Rule())
             rule.alts.append(_Alt(self.name))
             rule.refs |= set(_TAG_PAIR.findall(self.s))

@@ -2,7 +2,8 @@
 
 Maps BFCL-style types (`dict`, `float`, `tuple`, `any`, ...) and transformers' `nullable` to JSON
 Schema, applies OpenAI `strict: true` semantics, merges simple `allOf`s, and reports every keyword
-the grammar cannot enforce as a warning instead of silently loosening it (XGrammar's known trap).
+the grammar cannot enforce as a warning instead of silently loosening it (XGrammar's known trap);
+under `strict` such a keyword is an error that names it. Schemas over MAX_SCHEMA_NODES are refused.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ _ANNOTATIONS = {
 }  # fmt: skip
 _RANGE_KEYS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 _LOOKAROUND = re.compile(r"\(\?<?[=!]")
+# 4x the largest MaskBench schema; 2,000 optional properties take ~25 s to compile on 2 cores
+MAX_SCHEMA_NODES = 2000
 _LOWER_BOUNDS = {"minimum", "exclusiveMinimum", "minLength", "minItems", "minProperties"}
 _UPPER_BOUNDS = {"maximum", "exclusiveMaximum", "maxLength", "maxItems", "maxProperties"}
 
@@ -79,6 +82,10 @@ def normalize_schema(
         schema = {}
     if not isinstance(schema, dict):
         raise GrammarError(f"a JSON schema must be an object or true, got {schema!r}", param="schema")
+    nodes = _count_nodes(schema, MAX_SCHEMA_NODES)
+    if nodes > MAX_SCHEMA_NODES:
+        raise GrammarError(f"the JSON schema is too large: more than {MAX_SCHEMA_NODES} subschemas; simplify it",
+                           param="schema")
     out = copy.deepcopy(schema)
     if strict is None:
         strict = out.get("strict") is True
@@ -108,7 +115,11 @@ class _Normalizer:
         self.max_integer_digits = max_integer_digits
         self.warnings: list[str] = []
 
-    def warn(self, path: str, msg: str) -> None:
+    def warn(self, path: str, msg: str, *, loosens: bool = True) -> None:
+        """Record what the grammar does differently; under `strict`, a keyword it loosens is an error."""
+        if loosens and self.strict:
+            raise GrammarError(f"{path or '/'}: {msg}; strict mode requires every keyword to be enforced: remove "
+                               "it or drop strict", param="schema")
         self.warnings.append(f"{path or '/'}: {msg}")
 
     def walk(self, s: Any, path: str) -> Any:
@@ -130,7 +141,7 @@ class _Normalizer:
             items = s.get("items") if isinstance(s.get("items"), dict) else {}
             items.setdefault("enum", s.pop("enum"))
             s["items"] = items
-            self.warn(path, "'enum' of scalars on an array was moved to its items")
+            self.warn(path, "'enum' of scalars on an array was moved to its items", loosens=False)
         if isinstance(s.get("items"), list):  # draft-4 tuple form
             s["prefixItems"] = s.pop("items")
             extra = s.pop("additionalItems", None)
@@ -152,6 +163,10 @@ class _Normalizer:
             self.warn(path, "'multipleOf' on non-integers is not enforced by the grammar")
         if "format" in s and not _format_supported(str(s["format"])):
             self.warn(path, f"format {s['format']!r} is not enforced by the grammar")
+        if "pattern" in s and "format" in s:
+            self.warn(path, "'pattern' next to 'format' is not enforced by the grammar (only 'format' is)")
+        if isinstance(s.get("patternProperties"), dict) and s["patternProperties"]:
+            self.warn(path, "'patternProperties' keys are not checked for uniqueness by the grammar")
         if ("pattern" in s or "format" in s) and ("minLength" in s or "maxLength" in s):
             self.warn(
                 path, "'minLength'/'maxLength' next to 'pattern' or 'format' are not enforced by the grammar"
@@ -223,7 +238,7 @@ class _Normalizer:
                     self.warn(path, f"no 'enum' value is of type {t!r}: nothing can match, the grammar "
                                     "follows the enum")
                 else:
-                    self.warn(path, f"'enum' values not of type {t!r} were dropped")
+                    self.warn(path, f"'enum' values not of type {t!r} were dropped", loosens=False)
                     s["enum"] = kept
 
     def _nullable(self, s: dict[str, Any]) -> dict[str, Any]:
@@ -286,6 +301,19 @@ class _Normalizer:
             self.warn(path, "'allOf' with references or conflicting keywords is only partly enforced")
             merged["allOf"] = rest
         return merged
+
+
+def _count_nodes(x: Any, limit: int) -> int:
+    """The number of objects in `x`, counting no further than just past `limit`."""
+    n, stack = 0, [x]
+    while stack and n <= limit:
+        v = stack.pop()
+        if isinstance(v, dict):
+            n += 1
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return n
 
 
 def _json_type(v: Any) -> str:

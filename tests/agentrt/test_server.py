@@ -361,3 +361,143 @@ def test_agent_run_in_thread_mode_streams_tree_events_and_the_whole_tree(tiny_en
     assert tiny_engine.pool.num_in_use == 0
     status, _ = _events(app, {"input": "x", "mode": "thread", "thread": {"depth": 2}})
     assert status == 400
+
+
+# --- hostile requests: a quick OpenAI-shaped 4xx each, and the server stays well -------------------
+
+SELF_REF = {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}
+
+
+def _tool(name: str, parameters: dict | None = None) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": parameters or {"type": "object"}}}
+
+
+def _schema_format(schema: dict, strict: bool = False) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": strict}}
+
+
+HOSTILE = [
+    ("self-required tool schema", {"tools": [_tool("f", SELF_REF)], "tool_choice": "required"}, 400, "tools",
+     "can never finish"),
+    ("self-required response_format", {"response_format": _schema_format(SELF_REF)}, 400, "response_format",
+     "can never finish"),
+    ("5,000 properties", {"tools": [_tool("f", {"type": "object", "properties": {
+        f"p{i}": {"type": "integer"} for i in range(5000)}})], "tool_choice": "required"}, 400, "tools", "too large"),
+    ("strict drops a pattern", {"response_format": _schema_format(
+        {"type": "string", "pattern": "^[a-z]+$", "format": "email"}, strict=True)}, 400, "schema", "'pattern'"),
+    ("strict patternProperties", {"response_format": _schema_format(
+        {"type": "object", "patternProperties": {"^x": {"type": "integer"}}}, strict=True)}, 400, "schema",
+     "'patternProperties'"),
+    ("strict not", {"response_format": _schema_format({"type": "integer", "not": {"const": 3}}, strict=True)},
+     400, "schema", "'not'"),
+    ("max_completion_tokens 0", {"max_completion_tokens": 0}, 400, "max_completion_tokens", None),
+    ("required without tools", {"tool_choice": "required"}, 400, "tool_choice", "needs tools"),
+    ("seed 2**70", {"seed": 2**70}, 400, "seed", None),
+    ("seed 2**70 streamed", {"seed": 2**70, "stream": True}, 400, "seed", None),
+    ("tool_calls not a list", {"messages": [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": None, "tool_calls": "oops"}]},
+     400, "messages[1].tool_calls", None),
+    ("tool call without a function", {"messages": [{"role": "assistant", "tool_calls": [{"id": "c"}]}]},
+     400, "messages[0].tool_calls[0]", None),
+    ("tool name with spaces", {"tools": [_tool("get weather")]}, 400, "tools[0].function.name", None),
+    ("tool name of 300 characters", {"tools": [_tool("f" * 300)]}, 400, "tools[0].function.name", None),
+    ("content of a wrong type", {"messages": [{"role": "user", "content": 42}]}, 400, "messages[0].content", None),
+    ("a prompt that cannot fit", {"messages": [{"role": "user", "content": "x" * (3 << 20)}]}, 400, "messages",
+     "cannot fit"),
+]
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_requests_get_a_quick_openai_shaped_4xx(tiny_engine, case):
+    _, change, status, param, words = case
+    t0 = time.perf_counter()
+    r = post(create_app(tiny_engine, model_names=["tiny-random"]), {**OK, **change})
+    assert time.perf_counter() - t0 < 30  # generous on a shared machine: these never reach a long compile
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["param"] == param
+    if words:
+        assert words in err["message"]
+    assert tiny_engine.num_active == 0 and tiny_engine.pool.num_in_use == 0
+
+
+def test_unenforced_keywords_come_back_in_a_header(tiny_engine):
+    r = post(create_app(tiny_engine, model_names=["tiny-random"]),
+             {**OK, "max_tokens": 4, "response_format": _schema_format({"type": "integer", "not": {"const": 3}})})
+    assert r.status_code == 200, r.text
+    assert any("'not'" in w for w in json.loads(r.headers["x-agentrt-grammar-warnings"]))
+    assert "x-agentrt-grammar-warnings" not in post(create_app(tiny_engine, model_names=["tiny-random"]), OK).headers
+
+
+def test_malformed_json_names_no_parameter(tiny_engine):
+    r = post(create_app(tiny_engine, model_names=["tiny-random"]), None, raw=b'{"model": "tiny-random", "mess')
+    assert r.status_code == 400 and r.json()["error"]["param"] is None
+    assert "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_unknown_routes_and_methods_are_openai_shaped(tiny_engine):
+    async def go():
+        app = create_app(tiny_engine, model_names=["tiny-random"])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.get("/v1/nope"), await c.get("/v1/chat/completions")
+
+    missing, wrong = asyncio.run(go())
+    assert missing.status_code == 404 and set(missing.json()["error"]) == {"message", "type", "param", "code"}
+    assert wrong.status_code == 405 and "POST" not in wrong.json()["error"]["message"].split()[-1:]
+    assert wrong.headers["allow"] == "POST"
+
+
+def test_a_chunked_body_over_the_cap_is_a_413(tiny_engine):
+    async def chunks():
+        for _ in range(12):
+            yield b" " * (1 << 20)
+
+    async def go():
+        app = create_app(tiny_engine, model_names=["tiny-random"])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            big = await c.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+
+            async def small():
+                yield json.dumps(OK).encode()
+
+            return big, await c.post("/v1/chat/completions", content=small(),
+                                     headers={"content-type": "application/json"})
+
+    big, small = asyncio.run(go())
+    assert "content-length" not in big.request.headers
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    assert small.status_code == 200, small.text  # a chunked body under the cap is read whole
+
+
+def test_engine_errors_inside_the_task_group_are_openai_shaped(tiny_engine, monkeypatch):
+    from agentrt.errors import EngineError
+
+    async def broken(*args, **kwargs):
+        raise EngineError("the engine fell over")
+        yield  # an async generator, like the real one
+
+    monkeypatch.setattr("agentrt.server.stream_chat", broken)
+    app = create_app(tiny_engine, model_names=["tiny-random"])
+    r = post(app, OK)
+    assert r.status_code == 500 and r.json()["error"] == {"message": "the engine fell over", "type": "server_error",
+                                                         "param": None, "code": None}
+    r = post(app, {**OK, "stream": True})
+    lines = [line for line in r.text.splitlines() if line.startswith("data: ")]
+    assert json.loads(lines[-2][6:])["error"]["message"] == "the engine fell over" and lines[-1] == "data: [DONE]"
+
+
+def test_api_key_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    from agentrt.errors import InvalidRequestError
+    from agentrt.server import resolve_api_key
+
+    (tmp_path / "key").write_text("from-file\n")
+    monkeypatch.setenv("AGENTRT_API_KEY", "from-env")
+    assert resolve_api_key(api_key_file=tmp_path / "key") == "from-file"
+    assert resolve_api_key() == "from-env"
+    assert resolve_api_key("given") == "given"
+    monkeypatch.delenv("AGENTRT_API_KEY")
+    assert resolve_api_key() is None
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(InvalidRequestError, match="empty"):
+        resolve_api_key(api_key_file=tmp_path / "empty")

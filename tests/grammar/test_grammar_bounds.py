@@ -69,8 +69,8 @@ def test_jump_forward_is_capped(compiler, tokenizer):
     assert matcher.accept_string(forced) and matcher.find_jump_forward_string() == "x" * MAX_JUMP_FORWARD
 
 
-def _slow_tools(n: int = 3000) -> ToolCalls:
-    # optional integer properties compile in time that grows faster than linearly (1,000: ~7 s here)
+def _slow_tools(n: int = 1500) -> ToolCalls:
+    # optional integer properties compile in time that grows faster than linearly (1,500: ~15 s here)
     params = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(n)}}
     return ToolCalls([{"name": "f", "parameters": params}], "required")
 
