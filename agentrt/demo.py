@@ -18,6 +18,8 @@ from agentrt.tools import Tool, calculator, tool
 __all__ = ["QUESTION", "demo_tools", "plan_view", "run_demo"]
 
 QUESTION = "How many people live in Paris, Rome and Berlin together?"
+# A city argument must be a city the question names (the population tool's docstring grounds it,
+# planner.ground_tools): the example shows the plan's shape, its cities cannot be copied.
 EXAMPLES = """Question: How many people live in Madrid and Vienna together?
 1. population({"city": "Madrid"})
 2. population({"city": "Vienna"})
@@ -40,7 +42,7 @@ def demo_tools(latency: float = LOOKUP_SECONDS) -> list[Tool]:
         """Number of people living in a city (a lookup in the bundled city data).
 
         Args:
-            city: City name, e.g. "Paris".
+            city: A city named in the question.
         """
         await anyio.sleep(latency)
         key = city.strip().lower()

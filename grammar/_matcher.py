@@ -46,7 +46,8 @@ class Matcher:
         self.text = bytearray()  # the accepted tokens' bytes
         self.in_string = False  # whether `text` ends inside a JSON string (see _feed)
         self._escaped = False
-        self._marks: list[tuple[int, bool, bool]] = []  # per accepted token: (len(text), in_string, escaped) before it
+        self.depth = 0  # brackets open outside strings
+        self._marks: list[tuple[int, bool, bool, int]] = []  # per accepted token: (len(text), in_string, escaped, depth) before it
 
     @property
     def warnings(self) -> list[str]:
@@ -63,7 +64,10 @@ class Matcher:
 
     @property
     def near_budget(self) -> bool:
-        return self.closing_from is not None and self.num_accepted >= self.closing_from
+        """Past `close_by`'s reserve, or with barely more tokens left than brackets to close."""
+        if self.closing_from is None or self.max_tokens is None:
+            return False
+        return self.num_accepted >= self.closing_from or self.max_tokens - self.num_accepted <= self.depth + 4
 
     def _steer(self, bitmask: torch.Tensor, index: int) -> None:
         if not self.near_budget or self.is_completed():
@@ -102,7 +106,7 @@ class Matcher:
         ok = bool(self.xgr.accept_token(int(token_id)))
         if ok:
             self.num_accepted += 1
-            self._marks.append((len(self.text), self.in_string, self._escaped))
+            self._marks.append((len(self.text), self.in_string, self._escaped, self.depth))
             if not self.xgr.is_terminated() and 0 <= token_id < len(self._vocab):
                 self._feed(self._vocab[token_id])
         return ok
@@ -110,7 +114,7 @@ class Matcher:
     def _feed(self, piece: bytes) -> None:
         """Append accepted bytes and follow JSON string state (quotes, backslash escapes)."""
         self.text += piece
-        in_string, escaped = self.in_string, self._escaped
+        in_string, escaped, depth = self.in_string, self._escaped, self.depth
         for b in piece:
             if escaped:
                 escaped = False
@@ -118,7 +122,11 @@ class Matcher:
                 escaped = True
             elif b == 0x22:  # quote
                 in_string = not in_string
-        self.in_string, self._escaped = in_string, escaped
+            elif not in_string and b in b"{[":
+                depth += 1
+            elif not in_string and b in b"}]":
+                depth = max(0, depth - 1)
+        self.in_string, self._escaped, self.depth = in_string, escaped, depth
 
     def accept_string(self, text: str) -> bool:
         """Advance past forced text (jump-forward) without tokens; rollback does not undo this."""
@@ -148,7 +156,7 @@ class Matcher:
         self.xgr.rollback(num_tokens)
         self.num_accepted -= num_tokens
         if num_tokens:
-            n, self.in_string, self._escaped = self._marks[-num_tokens]
+            n, self.in_string, self._escaped, self.depth = self._marks[-num_tokens]
             del self._marks[-num_tokens:], self.text[n:]
 
     def reset(self) -> None:
@@ -157,6 +165,7 @@ class Matcher:
         self.text.clear()
         self._marks.clear()
         self.in_string = self._escaped = False
+        self.depth = 0
 
 
 assert issubclass(Matcher, TokenConstraint)

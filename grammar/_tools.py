@@ -246,6 +246,7 @@ class CallList(Matcher):
         super()._feed(piece)
         if self.text.endswith(TOOL_CALL_BEGIN.encode()):  # JSON starts afresh: quotes in text before it do not count
             self.in_string = self._escaped = False
+            self.depth = 0
             self._call_from = self.num_accepted - 1
 
     def _complete_call(self) -> None:

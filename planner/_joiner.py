@@ -1,15 +1,20 @@
 """The joiner's output language (LLMCompiler's joiner): `Finish(answer)` or `Replan(reason)`,
-optionally after a `Thought:` line. Decoded under `joiner_grammar()`, parsed here."""
+optionally after a `Thought:` line. Decoded under `joiner_grammar()`, parsed here. An answer may
+name a task's result by reference (`Finish($3)`, `Finish(The total is $3.)`): `resolve_answer`
+puts the value in, so a right calculation is a right answer without the model copying its digits."""
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from agentrt.errors import PlanError
+from agentrt.planner._task import _REF_RE, ReferenceResolutionError, parse_ref, resolve
 
-__all__ = ["JoinerDecision", "parse_joiner"]
+__all__ = ["JoinerDecision", "parse_joiner", "resolve_answer"]
 
 _ACTION_RE = re.compile(r"(Finish|Replan)\((.*)\)\s*\Z", re.DOTALL)
 
@@ -33,3 +38,20 @@ def parse_joiner(text: str) -> JoinerDecision:
     if not m:
         raise PlanError("the joiner must answer Finish(answer) or Replan(reason)", body[:200])
     return JoinerDecision("finish" if m.group(1) == "Finish" else "replan", m.group(2).strip(), thought)
+
+
+def resolve_answer(text: str, values: Mapping[int, Any]) -> str:
+    """`text` with each `$N` / `$N.path` that names a result in `values` replaced by that value (a
+    string as it is, anything else as JSON); a reference to no result stays as written."""
+
+    def one(m: re.Match[str]) -> str:
+        if m.end() < len(m.string) and m.string[m.end()].isdigit():
+            return m.group(0)
+        ref = parse_ref(m.group(0))
+        try:
+            value = resolve(ref, values)
+        except ReferenceResolutionError:
+            return m.group(0)
+        return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+    return _REF_RE.sub(one, text)

@@ -16,8 +16,9 @@ from typing import Literal, Protocol
 
 from agentrt.errors import PlanError
 from agentrt.planner._executor import ExecutionState, Executor
+from agentrt.planner._ground import ground_tools
 from agentrt.planner._grammar import GrammarLimits, joiner_grammar, plan_grammar, react_grammar
-from agentrt.planner._joiner import JoinerDecision, parse_joiner
+from agentrt.planner._joiner import JoinerDecision, parse_joiner, resolve_answer
 from agentrt.planner._parser import PlanParser, stream_tasks
 from agentrt.planner._prompts import joiner_prompt, planner_prompt, react_prompt
 from agentrt.planner._task import Task
@@ -54,10 +55,11 @@ def _registry(tools: ToolRegistry | Iterable[Tool]) -> ToolRegistry:
 
 
 def _select(reg: ToolRegistry, question: str, top_k: int | None) -> ToolRegistry:
-    if top_k is None or len(reg) <= top_k:
-        return reg
-    chosen = reg.select(question, k=top_k)
-    return chosen if len(chosen) else reg  # nothing matched: offer everything rather than nothing
+    """The tools offered for `question` (Tool RAG when `top_k`), with arguments their docstrings ground
+    in the question narrowed to its phrases (`ground_tools`)."""
+    chosen = reg if top_k is None or len(reg) <= top_k else reg.select(question, k=top_k)
+    chosen = chosen if len(chosen) else reg  # nothing matched: offer everything rather than nothing
+    return ToolRegistry(ground_tools(chosen, question))
 
 
 async def _tee(chunks: AsyncIterable[str], sink: list[str]) -> AsyncIterator[str]:
@@ -144,7 +146,7 @@ async def _rounds(
         decision = await _join(llm, question, state, run, allow_replan=round_no < max_rounds,
                                constrained=constrained, limits=limits, notes=notes)
         if decision.action == "finish":
-            run.answer = decision.text
+            run.answer = resolve_answer(decision.text, state.values())
             return run
         notes = [f"Previous plan was not enough: {decision.text}. Plan only what is still missing; "
                  f"reuse results above by reference instead of calling tools again."]
@@ -204,7 +206,7 @@ async def run_react(
         if body.startswith("Finish("):
             decision = parse_joiner(body)
             run.decisions.append(decision)
-            run.answer = decision.text
+            run.answer = resolve_answer(decision.text, state.values())
             return run
         parser = PlanParser(first_id=step_id, known_ids=known, tools=offered.names)
         try:
@@ -215,5 +217,5 @@ async def run_react(
         await executor.run(tasks[:1], state)
     decision = await _join(llm, question, state, run, allow_replan=False, constrained=constrained,
                            limits=limits, notes=[])
-    run.answer = decision.text
+    run.answer = resolve_answer(decision.text, state.values())
     return run

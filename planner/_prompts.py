@@ -72,11 +72,15 @@ def planner_prompt(
 
 def joiner_prompt(question: str, state: ExecutionState, *, allow_replan: bool, notes: Iterable[str] = ()) -> str:
     choice = (
-        "If the results answer the question, write Finish( then the answer in one sentence and ); "
+        "If the results answer the question, write Finish( then the answer and ); "
         "otherwise write Replan( then what is missing and )."
-        if allow_replan else "Write Finish( then the answer to the question in one sentence and )."
+        if allow_replan else "Write Finish( then the answer to the question and )."
     )
     parts = [f"Question: {question}", _observations(state) or "No tool results.", *notes, choice]
+    ok = [tid for tid, r in sorted(state.results.items()) if r.ok]
+    if ok:  # by reference: the runtime writes the value, the model need not copy it
+        parts.append(f"When one result is the answer, write its reference: Finish(${ok[-1]}) answers with "
+                     f"the result of task {ok[-1]}.")
     return "\n\n".join(parts)
 
 
