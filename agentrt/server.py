@@ -43,6 +43,7 @@ MAX_BODY_BYTES = 8 << 20
 API_KEY_ENV = "AGENTRT_API_KEY"
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # what OpenAI accepts
 WARNINGS_HEADER = "x-agentrt-grammar-warnings"
+MAX_NESTING = 128  # objects and lists in one request field (the schema normaliser allows 64)
 _SEED_RANGE = (-(2**63), 2**64 - 1)  # what a torch generator takes
 
 
@@ -172,15 +173,17 @@ class AgentRunRequest(BaseModel):
 
 
 def create_app(engine, *, api_key: str | None = None, model_names: list[str] | None = None,
-               tools: list | None = None) -> FastAPI:
+               tools: list | None = None, compile_timeout: float = 30.0) -> FastAPI:
     """An app serving `engine` (an agentrt Engine). `model_names`: the ids clients may ask for;
-    `tools`: what `POST /v1/agent/runs` may call (side-effecting tools are always refused here)."""
+    `tools`: what `POST /v1/agent/runs` may call (side-effecting tools are always refused here);
+    `compile_timeout`: seconds a request's grammar may take to compile before it is stopped (a 400)."""
     from agentrt.backends import LocalBackend
     from agentrt.grammar import GrammarCompiler, Json
 
     names = model_names or [engine.name or "agentrt"]
     # compiles in worker processes, killed at their deadline, two at a time
-    compiler = GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size, isolate=True)
+    compiler = GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size, isolate=True,
+                               timeout=compile_timeout)
     backend = LocalBackend(engine, compiler=compiler)
 
     @contextlib.asynccontextmanager
@@ -439,6 +442,12 @@ async def _thread_events(backend, registry, question: str, options, params: Samp
 
 def _check_request(body: ChatCompletionRequest, engine) -> None:
     """Refuse what OpenAI refuses, and prompts that cannot fit, before any CPU work is spent on them."""
+    from agentrt.grammar._schema import json_extent
+
+    for field in ("messages", "tools", "response_format", "tool_choice", "stop", "grammar_options"):
+        value = getattr(body, field)
+        if value is not None and json_extent(value, 1 << 30)[1] > MAX_NESTING:
+            raise InvalidRequestError(f"{field} is nested more than {MAX_NESTING} levels deep", param=field)
     for i, tool in enumerate(body.tools or []):
         fn = tool.get("function", tool) if isinstance(tool, dict) else None
         name = fn.get("name") if isinstance(fn, dict) else None

@@ -176,9 +176,9 @@ class GrammarCompiler:
                 pass
 
         fut.add_done_callback(wake)
-        with anyio.move_on_after(limit):
-            if owner:
-                await self._compile_owned(constraint, fut, limit)
+        if owner:  # it keeps its own deadlines (a worker's start is not counted against the compile)
+            await self._compile_owned(constraint, fut, limit)
+        with anyio.move_on_after(0 if owner else limit):
             await done.wait()
         if not fut.done():
             raise GrammarError(
@@ -190,49 +190,68 @@ class GrammarCompiler:
 
     async def _compile_owned(self, constraint: Constraint, fut: cf.Future[CompiledConstraint],
                              limit: float) -> None:
-        waiting = True
         try:
-            while not self._slots.acquire(blocking=False):
-                await anyio.sleep(0.02)
-            waiting = False
             try:
-                if self.pool is None or (blob := _pickled(constraint)) is None:
-                    # abandoned on timeout: the compile finishes in its thread and fills the cache
-                    await anyio.to_thread.run_sync(self._run, constraint, fut, abandon_on_cancel=True)
+                with anyio.fail_after(limit):
+                    while not self._slots.acquire(blocking=False):
+                        await anyio.sleep(0.02)
+            except TimeoutError:
+                raise OverloadedError(f"{constraint!r} waited {limit:g}s for one of the compile slots, all busy; "
+                                      "retry later") from None
+            try:
+                blob = _pickled(constraint) if self.pool is not None else None
+                if blob is None:
+                    # abandoned at the deadline: the compile finishes in its thread and fills the cache
+                    with anyio.move_on_after(limit):
+                        await anyio.to_thread.run_sync(self._run, constraint, fut, abandon_on_cancel=True)
                     return
-                await self._run_isolated(constraint, blob, fut)
+                await self._run_isolated(constraint, blob, fut, limit)
             finally:
                 self._slots.release()
-        except anyio.get_cancelled_exc_class():
+        except BaseException as e:  # noqa: BLE001 - handed to every waiter; cancellation goes on up
             if not fut.done():
-                fut.set_exception(
-                    OverloadedError(f"{constraint!r} waited {limit:g}s for one of the compile slots, all busy; "
-                                    "retry later") if waiting else
-                    GrammarError(f"compiling {constraint!r} took longer than {limit:g}s and was stopped; "
-                                 "simplify the schema or grammar, or raise the compile timeout", param="grammar"))
-            raise
-        except BaseException as e:  # noqa: BLE001 - handed to every waiter
-            if not fut.done():
-                fut.set_exception(e)
-        finally:
+                fut.set_exception(e if isinstance(e, Exception) else
+                                  GrammarError(f"compiling {constraint!r} was cancelled", param="grammar"))
             with self._lock:
                 self._inflight.pop(constraint.key, None)
+            if not isinstance(e, Exception):
+                raise
 
-    async def _run_isolated(self, constraint: Constraint, blob: bytes, fut: cf.Future[CompiledConstraint]) -> None:
+    async def _run_isolated(self, constraint: Constraint, blob: bytes, fut: cf.Future[CompiledConstraint],
+                            limit: float) -> None:
         worker = self.pool.acquire()
         try:
-            reply = await anyio.to_thread.run_sync(worker.run, blob, abandon_on_cancel=True)
-        except GrammarError:
-            self.pool.release(worker)
+            try:  # a worker that replaces a killed one may still be importing: not the compile's time
+                with anyio.fail_after(WORKER_START_SECONDS):
+                    await anyio.to_thread.run_sync(worker.wait_ready, abandon_on_cancel=True)
+            except TimeoutError:
+                raise OverloadedError(f"no grammar worker started within {WORKER_START_SECONDS:g}s; retry later") from None
+            try:
+                with anyio.fail_after(limit):
+                    reply = await anyio.to_thread.run_sync(worker.run, blob, abandon_on_cancel=True)
+            except TimeoutError:
+                raise GrammarError(f"compiling {constraint!r} took longer than {limit:g}s and was stopped; "
+                                   "simplify the schema or grammar, or raise the compile timeout",
+                                   param="grammar") from None
+        except GrammarError as e:
+            if "was stopped" in str(e):
+                self.pool.kill(worker)
+            else:
+                self.pool.release(worker)
             raise
-        except BaseException:  # the deadline (or a worker that died): no compile keeps running
+        except BaseException:  # cancelled, or a worker that died: no compile keeps running
             self.pool.kill(worker)
             raise
         self.pool.release(worker)
         if reply is None:  # a constraint class the worker cannot import
-            await anyio.to_thread.run_sync(self._run, constraint, fut, abandon_on_cancel=True)
+            with anyio.move_on_after(limit):
+                await anyio.to_thread.run_sync(self._run, constraint, fut, abandon_on_cancel=True)
             return
-        fut.set_result(await anyio.to_thread.run_sync(self._adopt, constraint, reply, abandon_on_cancel=True))
+        try:
+            fut.set_result(await anyio.to_thread.run_sync(self._adopt, constraint, reply))
+        finally:
+            with self._lock:
+                self._inflight.pop(constraint.key, None)
 
     def _adopt(self, constraint: Constraint, reply: Compiled) -> CompiledConstraint:
         """A worker's result as ours: its compiled grammar, or a recompile known to be quick."""
@@ -288,6 +307,8 @@ def _pickled(constraint: Constraint) -> bytes | None:
     except Exception:  # noqa: BLE001 - e.g. a caller's constraint holding a lock: compiled in a thread
         return None
 
+
+WORKER_START_SECONDS = 120.0  # a fresh interpreter importing xgrammar and torch, on a busy machine
 
 _POOLS: dict[tuple, WorkerPool] = {}
 _POOLS_LOCK = threading.Lock()

@@ -55,6 +55,7 @@ class _Worker:
         self._init = threading.Thread(target=self._send_init, args=(pickle.dumps((info_json, threads, limits)),),
                                       daemon=True)
         self._init.start()
+        self._ready = False
 
     def _send_init(self, blob: bytes) -> None:
         try:
@@ -62,10 +63,17 @@ class _Worker:
         except (BrokenPipeError, ValueError, OSError):  # killed while starting
             pass
 
+    def wait_ready(self) -> None:
+        """Blocking: until the worker has started (EOFError if it died meanwhile)."""
+        if not self._ready:
+            self._init.join()
+            pickle.loads(_recv(self.proc.stdout))  # ("ready",)
+            self._ready = True
+
     def run(self, blob: bytes) -> Compiled | None:
         """Blocking: compile the pickled constraint `blob` in the worker; None if the worker cannot
         unpickle it (a class only the caller knows). EOFError if the worker is killed meanwhile."""
-        self._init.join()
+        self.wait_ready()
         try:
             _send(self.proc.stdin, blob)
         except (BrokenPipeError, ValueError, OSError) as e:
@@ -155,6 +163,7 @@ def _serve(inp, out) -> None:
     info_json, threads, limits = pickle.loads(_recv(inp))
     info = xgr.TokenizerInfo.deserialize_json(info_json)
     compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
+    _send(out, pickle.dumps(("ready",)))
     while True:
         try:
             blob = _recv(inp)

@@ -18,7 +18,7 @@ import xgrammar as xgr
 
 from agentrt.errors import GrammarError
 
-__all__ = ["NormalizedSchema", "normalize_schema"]
+__all__ = ["NormalizedSchema", "normalize_schema", "json_extent"]
 
 # BFCL / Python / Java-ish type names → JSON Schema types (None: no type constraint).
 _TYPE_ALIASES: dict[str, str | None] = {
@@ -52,6 +52,7 @@ _RANGE_KEYS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 _LOOKAROUND = re.compile(r"\(\?<?[=!]")
 # 4x the largest MaskBench schema; 2,000 optional properties take ~25 s to compile on 2 cores
 MAX_SCHEMA_NODES = 2000
+MAX_SCHEMA_DEPTH = 64  # nested objects and lists; deeper ones would exhaust Python's recursion limit
 _LOWER_BOUNDS = {"minimum", "exclusiveMinimum", "minLength", "minItems", "minProperties"}
 _UPPER_BOUNDS = {"maximum", "exclusiveMaximum", "maxLength", "maxItems", "maxProperties"}
 
@@ -82,10 +83,13 @@ def normalize_schema(
         schema = {}
     if not isinstance(schema, dict):
         raise GrammarError(f"a JSON schema must be an object or true, got {schema!r}", param="schema")
-    nodes = _count_nodes(schema, MAX_SCHEMA_NODES)
+    nodes, depth = json_extent(schema, MAX_SCHEMA_NODES)
     if nodes > MAX_SCHEMA_NODES:
         raise GrammarError(f"the JSON schema is too large: more than {MAX_SCHEMA_NODES} subschemas; simplify it",
                            param="schema")
+    if depth > MAX_SCHEMA_DEPTH:
+        raise GrammarError(f"the JSON schema is nested {depth} levels deep, more than the limit of "
+                           f"{MAX_SCHEMA_DEPTH}; flatten it (a $ref can name a shared part)", param="schema")
     out = copy.deepcopy(schema)
     if strict is None:
         strict = out.get("strict") is True
@@ -303,17 +307,17 @@ class _Normalizer:
         return merged
 
 
-def _count_nodes(x: Any, limit: int) -> int:
-    """The number of objects in `x`, counting no further than just past `limit`."""
-    n, stack = 0, [x]
+def json_extent(x: Any, limit: int) -> tuple[int, int]:
+    """(objects, nesting depth of objects and lists) of a JSON value, counting no further than just
+    past `limit` objects; without recursion, so any depth is safe to measure."""
+    n, deepest, stack = 0, 0, [(x, 1)]
     while stack and n <= limit:
-        v = stack.pop()
-        if isinstance(v, dict):
-            n += 1
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
-    return n
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, depth)
+            n += isinstance(v, dict)
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return n, deepest
 
 
 def _json_type(v: Any) -> str:
