@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from agentrt.errors import AgentrtError
@@ -178,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, directory or hub id (default {DEFAULT_MODEL})")
         sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
         sp.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
+        sp.add_argument("--deterministic", action="store_true",
+                        help="batch-invariant decoding: a request's tokens never depend on what else runs "
+                             "(slower decode; same as AGENTRT_DETERMINISTIC=1)")
 
     g = sub.add_parser("generate", help="stream the completion of PROMPT")
     model_opts(g)
@@ -230,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "deterministic", False):  # every engine this command builds (Engine reads it)
+        os.environ["AGENTRT_DETERMINISTIC"] = "1"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -661,18 +661,18 @@ def _single_token_group(rows: list[int], seq_slots: list[torch.Tensor], exact: b
 
 
 def feed_sequence(model: Transformer, pool: KVPool, seq: KVSequence, tokens: list[int],
-                  positions: list[int] | None = None) -> torch.Tensor:
-    """Feed `tokens` to one sequence outside the engine loop, as the engine prefills (batch-invariant
-    kernels); logits for each of them: [n, V].
+                  positions: list[int] | None = None, exact: bool = True) -> torch.Tensor:
+    """Feed `tokens` to one sequence outside the engine loop, as the engine prefills (by the batch-invariant
+    kernels; `exact=False`: by the fastest ones); logits for each of them: [n, V].
 
-    For tests and KV surgery checks (a fresh prefill to compare a pruned sequence against).
+    For tests, benchmarks and KV surgery checks (a fresh prefill to compare a pruned sequence against).
     """
     n = len(tokens)
     slots = pool.append(seq, n, positions)
     dev = pool.k.device
-    g = chunk_group(pool, seq, 0, n, exact=True).to(dev)
+    g = chunk_group(pool, seq, 0, n, exact=exact).to(dev)
     batch = BatchInput(torch.tensor(tokens, device=dev), torch.tensor(seq.positions[-n:], device=dev),
-                       slots.to(dev), [g], torch.arange(n, device=dev), ExactRows(0, 0))
+                       slots.to(dev), [g], torch.arange(n, device=dev), ExactRows(0, 0) if exact else None)
     return model(batch, pool.k, pool.v)
 
 

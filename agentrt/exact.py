@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Tiles", "PREFILL_TILES", "DETERMINISTIC_TILES", "linear", "attention"]
+__all__ = ["Tiles", "PREFILL_TILES", "DETERMINISTIC_TILES", "linear", "AttentionPlan", "attention_plan", "attention"]
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,10 @@ class Tiles:
 
 # Default mode: prompts are prefilled with these (so a cached prefix equals a fresh prefill); decode
 # steps use the fastest kernels. Deterministic mode: every row, decode included, uses the smaller tiles
-# (a decode row pays for a 16-row tile instead of a matrix-vector product).
-PREFILL_TILES = Tiles(rows=32, query_rows=32, key_block=64)
-DETERMINISTIC_TILES = Tiles(rows=16, query_rows=8, key_block=64)
+# (a decode row pays for a 16-row tile instead of a matrix-vector product). Sizes chosen on a 2-core
+# EPYC (bench/RESULTS.md, "Invariance"): larger query tiles and key blocks mean fewer, larger products.
+PREFILL_TILES = Tiles(rows=32, query_rows=64, key_block=128)
+DETERMINISTIC_TILES = Tiles(rows=16, query_rows=8, key_block=128)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
@@ -48,35 +49,65 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, row
     return out if bias is None else out + bias
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              tiles: Tiles) -> torch.Tensor:
+@dataclass
+class AttentionPlan:
+    """One group's batch-invariant attention, prepared once per forward for every layer: the query tiles
+    grouped by how many key blocks they can see (blocks no row of a tile sees are skipped: they would
+    add exact zeros), each group with its additive mask."""
+
+    rows: int  # R, grouped query rows per (sequence, KV head)
+    keys: int  # T
+    tiles: Tiles
+    groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]  # (blocks, seq index, tile index, mask)
+
+
+def attention_plan(mask: torch.Tensor, tiles: Tiles) -> AttentionPlan:
+    """mask: [b, 1, R, T] bool, each row's visible keys a prefix (True = may attend; a real row sees at
+    least key 0)."""
+    b, _, r, t = mask.shape
+    qt, kb = tiles.query_rows, tiles.key_block
+    rp, tp = -r % qt, -t % kb
+    nt, nb = (r + rp) // qt, (t + tp) // kb
+    m = F.pad(mask, (0, tp, 0, rp), value=False)
+    m[:, :, r:, 0] = True  # padding rows see key 0: no 0/0
+    m = m.view(b, nt, qt, nb, kb)
+    seen = m.any(dim=4).any(dim=2)  # [b, nt, nb]: does any row of the tile see a key of the block
+    need = (seen * torch.arange(1, nb + 1, device=mask.device)).amax(-1)  # [b, nt]: blocks up to the last seen
+    add = torch.zeros(m.shape, dtype=torch.float32, device=mask.device).masked_fill_(~m, float("-inf"))
+    add = add.transpose(2, 3)  # [b, nt, nb, qt, kb]
+    groups = []
+    for u in need.unique().tolist():
+        bi, ti = (need == u).nonzero(as_tuple=True)
+        groups.append((u, bi, ti, add[bi, ti, :u].unsqueeze(1)))  # mask [G, 1, u, qt, kb]
+    return AttentionPlan(r, t, tiles, groups)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
     """Softmax attention of grouped queries, each query's result a function of its own row and keys only.
 
-    q: [b, KV, R, D] (the query heads of one KV head as rows); k, v: [b, KV, T, D]; mask: [b, 1, R, T]
-    bool (True = may attend; every real row sees at least key 0) or None. Computed in fp32 -> q's dtype.
+    q: [b, KV, R, D] (the query heads of one KV head as rows); k, v: [b, KV, T, D]; plan: from the
+    group's mask (`attention_plan`). Computed in fp32 -> [b, KV, R, D] in q's dtype.
 
     Two passes over fixed-shape blocks: scores of each (query tile, key block) pair by one batched
     product, the row max over all of them (exact in any order), then the weighted values, with a ones
     column giving the softmax denominator, summed block by block in key order."""
     b, kv, r, d = q.shape
     t = k.shape[2]
-    qt, kb = tiles.query_rows, tiles.key_block
+    qt, kb = plan.tiles.query_rows, plan.tiles.key_block
     rp, tp = -r % qt, -t % kb
     nt, nb = (r + rp) // qt, (t + tp) // kb
-    qf = F.pad(q.float() * d ** -0.5, (0, 0, 0, rp)).view(b, kv, nt, 1, qt, d)
-    kf = F.pad(k.float(), (0, 0, 0, tp)).view(b, kv, 1, nb, kb, d)
+    qf = F.pad(q.float() * d ** -0.5, (0, 0, 0, rp)).view(b, kv, nt, qt, d).transpose(1, 2)  # [b, nt, KV, qt, D]
+    kf = F.pad(k.float(), (0, 0, 0, tp)).view(b, kv, nb, kb, d)
     vf = F.pad(torch.cat([v.float(), v.new_ones(b, kv, t, 1, dtype=torch.float32)], -1), (0, 0, 0, tp))
-    vf = vf.view(b, kv, 1, nb, kb, d + 1)
-    if mask is None:
-        mask = torch.ones(b, 1, r, t, dtype=torch.bool, device=q.device)
-    m = F.pad(mask, (0, tp, 0, rp), value=False)
-    m[:, :, r:, 0] = True  # padding rows see key 0: no 0/0
-    m = m.view(b, 1, nt, qt, nb, kb).transpose(3, 4)  # [b, 1, nt, nb, qt, kb]
-    s = torch.matmul(qf, kf.transpose(-1, -2)).masked_fill_(~m, float("-inf"))  # [b, KV, nt, nb, qt, kb]
-    top = s.amax(dim=(3, 5), keepdim=True)
-    o = torch.matmul(s.sub_(top).exp_(), vf)  # [b, KV, nt, nb, qt, D + 1]
-    acc = o[:, :, :, 0]
-    for j in range(1, nb):  # in key order; a block a row cannot see adds exact zeros
-        acc = acc + o[:, :, :, j]
-    out = acc[..., :d] / acc[..., d:]
-    return out.reshape(b, kv, nt * qt, d)[:, :, :r].to(q.dtype)
+    vf = vf.view(b, kv, nb, kb, d + 1)
+    out = qf.new_empty(b, nt, kv, qt, d)
+    for u, bi, ti, add in plan.groups:
+        qg = qf[bi, ti].unsqueeze(2)  # [G, KV, 1, qt, D]
+        s = torch.matmul(qg, kf[bi, :, :u].transpose(-1, -2)).add_(add)  # [G, KV, u, qt, kb]
+        top = s.amax(dim=(2, 4), keepdim=True)
+        o = torch.matmul(s.sub_(top).exp_(), vf[bi, :, :u])  # [G, KV, u, qt, D + 1]
+        acc = o[:, :, 0]
+        for j in range(1, u):  # in key order
+            acc = acc + o[:, :, j]
+        out[bi, ti] = acc[..., :d] / acc[..., d:]
+    return out.transpose(1, 2).reshape(b, kv, nt * qt, d)[:, :, :r].to(q.dtype)

@@ -226,7 +226,7 @@ class BatchInput:
     exact: ExactRows | None = None  # None: every row takes the fastest kernels
 
 
-def linear(layer: nn.Linear, x: torch.Tensor, split: int | None, tiles: exact.Tiles | None) -> torch.Tensor:
+def linear(layer: nn.Linear, x: torch.Tensor, split: int | None, tiles: exact.Tiles) -> torch.Tensor:
     """layer(x), rows from `split` on by the batch-invariant kernel; x: [N, in] -> [N, out]."""
     if split is None or split >= x.shape[0]:
         return layer(x)
@@ -260,7 +260,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, batch: BatchInput, masks: list, key_rot: list, k_pool, v_pool) -> torch.Tensor:
         n, kv, d, rep = x.shape[0], self.kv, self.d, self.h // self.kv
-        split, tiles = (None, None) if batch.exact is None else (batch.exact.row, batch.exact.tiles)
+        split, tiles = (None, exact.PREFILL_TILES) if batch.exact is None else (batch.exact.row, batch.exact.tiles)
         q, k, v = linear(self.qkv, x, split, tiles).split([self.h * d, kv * d, kv * d], dim=-1)
         q, k, v = q.view(n, self.h, d), k.view(n, kv, d), v.view(n, kv, d)
         if self.q_norm is not None:
@@ -273,12 +273,12 @@ class Attention(nn.Module):
         for g, mask, rot in zip(batch.groups, masks, key_rot):
             b, nq = g.rows.shape
             rows = g.rows.reshape(-1)
-            if g.exact:  # mask: the bool [b, 1, rep * q, T] prefix mask
+            if g.exact:  # mask: the group's exact.AttentionPlan
                 t = g.slots.shape[1]
                 kg = k_pool.index_select(0, g.slots.reshape(-1)).view(b, t, kv, d).transpose(1, 2)
                 vg = v_pool.index_select(0, g.slots.reshape(-1)).view(b, t, kv, d).transpose(1, 2)
                 qg = q.index_select(0, rows).view(b, nq, kv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, kv, rep * nq, d)
-                o = exact.attention(qg, kg, vg, mask, tiles)
+                o = exact.attention(qg, kg, vg, mask)
                 out[rows] = o.view(b, kv, rep, nq, d).permute(0, 3, 1, 2, 4).reshape(b * nq, self.h, d)
                 continue
             if g.slots is None:  # fresh prefill: causal over its own keys
@@ -323,7 +323,7 @@ class MLP(nn.Module):
         self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, split: int | None = None, tiles: exact.Tiles | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, split: int | None = None, tiles: exact.Tiles = exact.PREFILL_TILES) -> torch.Tensor:
         gate, up = linear(self.gate_up, x, split, tiles).chunk(2, dim=-1)
         return linear(self.down, F.silu(gate) * up, split, tiles)
 
@@ -352,8 +352,9 @@ class Transformer(nn.Module):
         # k_pools, v_pools: [L, S, KV, D]; returns logits [M, V] in fp32
         x = self.embed(batch.input_ids)  # [N, hidden]
         rope = Rotary.turns(*self.rotary.cos_sin(batch.positions), x.dtype)  # [N, 1, D] each, for every layer
-        masks = [self._grouped_mask(g) if g.exact else self._additive_mask(g, x.dtype) for g in batch.groups]
-        split, tiles = (None, None) if batch.exact is None else (batch.exact.row, batch.exact.tiles)
+        split, tiles = (None, exact.PREFILL_TILES) if batch.exact is None else (batch.exact.row, batch.exact.tiles)
+        masks = [exact.attention_plan(self._grouped_mask(g), tiles) if g.exact else self._additive_mask(g, x.dtype)
+                 for g in batch.groups]
         # cos/sin re-rotating gathered keys by key_delta: once per forward, not per layer
         key_rot = [None if g.key_delta is None else
                    Rotary.turns(*self.rotary.cos_sin(g.key_delta[:, g.delta_from:], scaled=False), x.dtype)

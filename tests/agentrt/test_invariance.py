@@ -95,8 +95,9 @@ def test_exact_linear_rows_do_not_depend_on_the_batch(dtype):
     torch.testing.assert_close(full, F.linear(x, w, bias), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("tiles", [exact.PREFILL_TILES, exact.DETERMINISTIC_TILES], ids=["prefill", "deterministic"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-def test_exact_attention_queries_do_not_depend_on_chunking_or_padding(dtype):
+def test_exact_attention_queries_do_not_depend_on_chunking_or_padding(dtype, tiles):
     g = torch.Generator().manual_seed(1)
     kv, rep, d, t = 2, 3, 16, 150
     k, v = (torch.randn(1, kv, t, d, generator=g).to(dtype) for _ in range(2))
@@ -109,7 +110,8 @@ def test_exact_attention_queries_do_not_depend_on_chunking_or_padding(dtype):
         for i, p in enumerate(tokens):
             mask[0, 0, i, :p + 1] = True
         mask = mask.unsqueeze(2).expand(1, 1, rep, n, keys).reshape(1, 1, rep * n, keys)
-        return exact.attention(q, k[:, :, :keys], v[:, :, :keys], mask, exact.DETERMINISTIC_TILES).view(kv, rep, n, d)
+        plan = exact.attention_plan(mask, tiles)
+        return exact.attention(q, k[:, :, :keys], v[:, :, :keys], plan).view(kv, rep, n, d)
 
     prefill = run(list(range(t)), t)
     assert torch.equal(run([120], 121)[:, :, 0], prefill[:, :, 120])  # decoding it alone
@@ -119,3 +121,10 @@ def test_exact_attention_queries_do_not_depend_on_chunking_or_padding(dtype):
     ref = F.scaled_dot_product_attention(q, k[0, :, None, :121].float(), v[0, :, None, :121].float())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(prefill[:, :, 120:121].float(), ref, atol=tol, rtol=tol)
+
+
+def test_the_environment_turns_deterministic_mode_on(engine_of, monkeypatch):
+    monkeypatch.setenv("AGENTRT_DETERMINISTIC", "1")
+    assert engine_of().deterministic and not engine_of(deterministic=False).deterministic
+    monkeypatch.setenv("AGENTRT_DETERMINISTIC", "0")
+    assert not engine_of().deterministic
