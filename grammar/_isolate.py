@@ -160,7 +160,10 @@ class WorkerPool:
 
 
 def _serve(inp, out) -> None:
-    info_json, threads, limits = pickle.loads(_recv(inp))
+    try:
+        info_json, threads, limits = pickle.loads(_recv(inp))
+    except EOFError:  # the server went away while this worker started
+        return
     info = xgr.TokenizerInfo.deserialize_json(info_json)
     compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
     _send(out, pickle.dumps(("ready",)))
