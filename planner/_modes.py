@@ -9,6 +9,7 @@ is xgrammar EBNF (root rule `root`) the backend should decode under, or None whe
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -85,9 +86,20 @@ async def _collect(chunks: AsyncIterator[str]) -> str:
 
 
 async def _guarded(tasks: AsyncIterator[Task], errors: list[str]) -> AsyncIterator[Task]:
-    """Stop at a plan error (unconstrained decoding); tasks already dispatched still finish."""
+    """Stop at a plan error (unconstrained decoding) and at a task that repeats one of the same plan exactly
+    (the plan is done: a weak model would repeat it until max_tokens); tasks already dispatched still
+    finish."""
+    seen: set[str] = set()  # this plan's tasks (one repeating an earlier round's reuses its result)
     try:
         async for task in tasks:
+            key = json.dumps([task.tool, task.to_json()["args"]], sort_keys=True, default=str)
+            if key in seen:
+                log.info("plan stopped at task %d, a repeat of an earlier one", task.id)
+                aclose = getattr(tasks, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                return
+            seen.add(key)
             yield task
     except PlanError as e:
         log.info("plan stopped at an invalid line: %s", e)

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from agentrt.planner._executor import ExecutionState
 from agentrt.tools import Tool
 
-__all__ = ["tool_catalogue", "planner_prompt", "joiner_prompt", "react_prompt"]
+__all__ = ["tool_catalogue", "tool_examples", "planner_prompt", "joiner_prompt", "react_prompt"]
 
 _PLAN_RULES = """Write a plan of tool calls that answers the question, one per line:
 Thought: <optional reasoning>
@@ -48,6 +48,37 @@ def _observations(state: ExecutionState) -> str:
     return "\n".join(lines)
 
 
+def tool_examples(tools: Iterable[Tool]) -> str:
+    """A worked plan shape built from the registered tools (not fixed content a model could copy):
+    one call per tool with placeholder values of the right types, a grounded argument (one its
+    docstring ties to the question) written as a placeholder the grammar will not let through, and a
+    calculator combining earlier results when there is one."""
+    from agentrt.planner._ground import _GROUNDED
+
+    lines: list[str] = []
+    calc = None
+    for t in tools:
+        if t.name == "calculator":
+            calc = t
+            continue
+        props = t.parameters.get("properties", {})
+        args = {}
+        for name in t.parameters.get("required", list(props)):
+            kind = props.get(name, {}).get("type")
+            doc = t.param_docs.get(name, "")
+            args[name] = ("<" + name + " from the question>" if _GROUNDED.search(doc) else f"<{name}>") \
+                if kind == "string" else 2 if kind in ("integer", "number") else [] if kind == "array" else {}
+        for _ in range(2 if calc is None and len(lines) < 2 else 1):
+            lines.append(f"{len(lines) + 1}. {t.name}({json.dumps(args, ensure_ascii=False)})")
+    if calc is not None and lines:
+        refs = " + ".join(f"${i}" for i in range(1, len(lines) + 1))
+        lines.append(f'{len(lines) + 1}. calculator({{"expression": "{refs}"}})')
+    if not lines:
+        return ""
+    lines.append(f"{len(lines) + 1}. join()")
+    return "\n".join(lines)
+
+
 def planner_prompt(
     question: str, tools: Iterable[Tool], state: ExecutionState, *, first_id: int,
     parallel_only: bool = False, notes: Iterable[str] = (), examples: str | None = None,
@@ -62,6 +93,8 @@ def planner_prompt(
     rules = _PLAN_RULES.format(a=first_id, b=first_id + 1, c=first_id + 2, parallel=parallel, b_arg=b_arg)
     if examples:
         rules = rules[:rules.index("Example:")] + "Examples:\n" + examples.strip()
+    elif not parallel_only and (shape := tool_examples(tools)):
+        rules = rules[:rules.index("Example:")] + "Example:\n" + shape
     parts = [f"Tools:\n{tool_catalogue(tools)}", rules]
     if obs := _observations(state):
         parts.append(obs)
@@ -72,15 +105,15 @@ def planner_prompt(
 
 def joiner_prompt(question: str, state: ExecutionState, *, allow_replan: bool, notes: Iterable[str] = ()) -> str:
     choice = (
-        "If the results answer the question, write Finish( then the answer and ); "
-        "otherwise write Replan( then what is missing and )."
-        if allow_replan else "Write Finish( then the answer to the question and )."
+        "If the results answer the question, finish with the answer; if something is missing, write "
+        "Replan with what is missing."
+        if allow_replan else "Finish with the answer to the question."
     )
     parts = [f"Question: {question}", _observations(state) or "No tool results.", *notes, choice]
     ok = [tid for tid, r in sorted(state.results.items()) if r.ok]
     if ok:  # by reference: the runtime writes the value, the model need not copy it
-        parts.append(f"When one result is the answer, write its reference: Finish(${ok[-1]}) answers with "
-                     f"the result of task {ok[-1]}.")
+        parts.append(f"To answer with a result, write its reference: Finish(${ok[-1]}) answers with the "
+                     f"result of task {ok[-1]}.")
     return "\n\n".join(parts)
 
 
@@ -88,7 +121,7 @@ def react_prompt(question: str, tools: Iterable[Tool], state: ExecutionState, *,
     return "\n\n".join(p for p in (
         f"Tools:\n{tool_catalogue(tools)}",
         "Call one tool per step as `N. tool_name({\"arg\": value})` (use $N to reuse an earlier result), "
-        "or answer with Finish(<the answer>).",
+        "or answer: Finish($N) answers with the result of step N, Finish(text) with text.",
         _observations(state),
         f"Question: {question}\nStep {step_id}:",
     ) if p)

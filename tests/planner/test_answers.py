@@ -74,3 +74,16 @@ def test_the_joiner_answers_by_reference():
                                      ToolRegistry([population, calculator])))
     assert run.answer == str(522250 + 231800)
     assert "Finish($3)" in prompts[1]  # the joiner is told how to answer by reference
+
+
+def test_a_plan_that_repeats_a_task_ends_there():
+    plan = '1. population({"city": "Lyon"})\n2. population({"city": "Lyon"})\n' + "".join(
+        f'{i}. population({{"city": "Oslo"}})\n' for i in range(3, 40))
+    outputs = [plan, "Finish($1)"]
+
+    async def llm(prompt: str, grammar: str | None):
+        yield outputs.pop(0)
+
+    run = anyio.run(lambda: run_plan("How many people live in Lyon?", llm, ToolRegistry([population]),
+                                     max_replans=0))
+    assert sorted(run.state.tasks) == [1] and run.answer == "522250"
