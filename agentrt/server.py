@@ -14,6 +14,7 @@ come back in the `x-agentrt-grammar-warnings` header (`strict: true` refuses the
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from agentrt.chat import ChatOptions, ChatResult, prepare_chat, stream_chat
+from agentrt.chat import ChatOptions, ChatResult, chat_constraint, prepare_chat, stream_chat
 from agentrt.errors import (AgentrtError, ContextLengthError, EngineClosedError, InvalidRequestError,
                             ModelNotFoundError, OverloadedError)
 from agentrt.sampling import SamplingParams
@@ -178,7 +179,7 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
     `tools`: what `POST /v1/agent/runs` may call (side-effecting tools are always refused here);
     `compile_timeout`: seconds a request's grammar may take to compile before it is stopped (a 400)."""
     from agentrt.backends import LocalBackend
-    from agentrt.grammar import GrammarCompiler, Json
+    from agentrt.grammar import GrammarCompiler
 
     names = model_names or [engine.name or "agentrt"]
     # compiles in worker processes, killed at their deadline, two at a time
@@ -189,8 +190,12 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         compiler.pool.prestart()  # the first request's compile does not wait for a worker to start
-        await anyio.to_thread.run_sync(compiler.compile, Json())  # json_object: the common shape
-        yield
+        common = chat_constraint(ChatOptions(response_format={"type": "json_object"}))
+        async with anyio.create_task_group() as tg:  # warm the cache without holding up the start
+            tg.start_soon(functools.partial(anyio.to_thread.run_sync, compiler.compile, common,
+                                            abandon_on_cancel=True))
+            yield
+            tg.cancel_scope.cancel()
 
     app = FastAPI(title="agentrt", version="0.1.0", lifespan=lifespan)
     app.state.engine = engine
