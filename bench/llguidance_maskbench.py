@@ -3,7 +3,8 @@ per-token mask time, and accept/reject agreement with each test instance's `vali
 
 Both see the same SmolLM2 tokenizer and the same instance text (compact separators, keys in the
 schema's order, as tests/grammar/maskbench_eval.py lays it out). Run:
-    python bench/llguidance_maskbench.py [--stride 4] [--json OUT]
+    pip install llguidance==1.9.1  # not a dependency of agentrt
+    python bench/llguidance_maskbench.py [--stride 20] [--json OUT]
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def main() -> None:
     from agentrt.models import load_tokenizer
 
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--stride", type=int, default=4, help="every n-th MaskBench schema (1: all 980)")
+    p.add_argument("--stride", type=int, default=20, help="every n-th MaskBench schema (1: all 980)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
