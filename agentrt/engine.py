@@ -27,7 +27,7 @@ from agentrt.control import SequenceController, SequenceHandle
 from agentrt.errors import (ContextLengthError, EngineClosedError, EngineError, InvalidRequestError,
                             KVCacheError)
 from agentrt.kv import KVPool, KVSequence, OutOfPagesError
-from agentrt.exact import DETERMINISTIC_TILES, PREFILL_TILES
+from agentrt.exact import DETERMINISTIC_TILES, PREFILL_TILES, Tiles
 from agentrt.model import AttentionGroup, BatchInput, ExactRows, Transformer, shared_prefix
 from agentrt.sampling import Detokenizer, SamplingParams, StopChecker, sample, token_logprobs
 
@@ -304,6 +304,11 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def tiles(self) -> Tiles:
+        """The batch-invariant kernels' shapes this engine prefills with (every row, when deterministic)."""
+        return self._tiles
 
     @property
     def cuda_graphs(self) -> bool:
@@ -661,9 +666,10 @@ def _single_token_group(rows: list[int], seq_slots: list[torch.Tensor], exact: b
 
 
 def feed_sequence(model: Transformer, pool: KVPool, seq: KVSequence, tokens: list[int],
-                  positions: list[int] | None = None, exact: bool = True) -> torch.Tensor:
+                  positions: list[int] | None = None, exact: bool = True, tiles: Tiles = PREFILL_TILES
+                  ) -> torch.Tensor:
     """Feed `tokens` to one sequence outside the engine loop, as the engine prefills (by the batch-invariant
-    kernels; `exact=False`: by the fastest ones); logits for each of them: [n, V].
+    kernels of `tiles`, an engine's `tiles`; `exact=False`: by the fastest ones); logits for each: [n, V].
 
     For tests, benchmarks and KV surgery checks (a fresh prefill to compare a pruned sequence against).
     """
@@ -672,7 +678,7 @@ def feed_sequence(model: Transformer, pool: KVPool, seq: KVSequence, tokens: lis
     dev = pool.k.device
     g = chunk_group(pool, seq, 0, n, exact=exact).to(dev)
     batch = BatchInput(torch.tensor(tokens, device=dev), torch.tensor(seq.positions[-n:], device=dev),
-                       slots.to(dev), [g], torch.arange(n, device=dev), ExactRows(0, 0) if exact else None)
+                       slots.to(dev), [g], torch.arange(n, device=dev), ExactRows(0, 0, tiles) if exact else None)
     return model(batch, pool.k, pool.v)
 
 

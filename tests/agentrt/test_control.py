@@ -7,6 +7,7 @@ import asyncio
 import threading
 
 import pytest
+import torch
 
 from agentrt.engine import feed_sequence
 from agentrt.errors import EngineError
@@ -26,8 +27,8 @@ def logit_gap(engine, seq) -> float:
     fork = pool.fork(kv)
     fresh = KVSequence()
     try:
-        ours = feed_sequence(model, pool, fork, pending)[-1]
-        ref = feed_sequence(model, pool, fresh, kept)[-1]
+        ours = feed_sequence(model, pool, fork, pending, tiles=engine.tiles)[-1]
+        ref = feed_sequence(model, pool, fresh, kept, tiles=engine.tiles)[-1]
     finally:
         pool.free(fork)
         pool.free(fresh)
@@ -64,10 +65,16 @@ class Pruner:
 PLAN = [(20, 5, 12), (35, 18, 30), (50, 0, 33)]
 
 
-def test_pruning_with_tail_recompute_equals_a_fresh_prefill_of_the_kept_tokens(tiny_engine):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+def test_pruning_with_tail_recompute_equals_a_fresh_prefill_of_the_kept_tokens(make_engine, deterministic):
+    tiny_engine = make_engine(deterministic=deterministic)
     pruner = Pruner(tiny_engine, PLAN, max_recompute=None)
     out = _run(tiny_engine, pruner)
-    assert len(pruner.gaps) == 3 and max(pruner.gaps) <= 1e-4, pruner.gaps
+    # deterministic: bit for bit; default: the kept outputs' K/V came from decode kernels, whose rounding
+    # differs from a prefill's (an ulp of a bf16 logit is 2**-8 near 1)
+    fp32 = tiny_engine.model.embed.weight.dtype == torch.float32
+    tolerance = 0.0 if deterministic else 1e-4 if fp32 else 2 ** -5
+    assert len(pruner.gaps) == 3 and max(pruner.gaps) <= tolerance, pruner.gaps
     assert [i.removed for i in pruner.infos] == [7, 12, 33 - 7 - 12]
     assert all(i.recomputed > 0 and i.rerotated == 0 for i in pruner.infos)
     assert len(out.token_ids) == GREEDY.max_tokens  # the output keeps every token; only the cache shrank
