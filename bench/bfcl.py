@@ -269,8 +269,21 @@ def calls_from_text(text: str) -> list[dict] | None:
 # --- requests ---------------------------------------------------------------------------------
 
 
+def api_name(name: str) -> str:
+    """A BFCL function name as OpenAI's API accepts it (`^[a-zA-Z0-9_-]{1,64}$`): `math.factorial` is sent
+    as `math_factorial`, as BFCL's own OpenAI handlers do, and a call by that name is scored as a call of
+    `math.factorial` (`original_names`)."""
+    return re.sub(r"[^a-zA-Z0-9_-]", "_", name)[:64]
+
+
+def original_names(case: Case, calls: list[dict] | None) -> list[dict] | None:
+    """Calls with the names they were offered under (`api_name`) turned back into the case's own."""
+    names = {api_name(f["name"]): f["name"] for f in case.functions}
+    return None if calls is None else [{**c, "name": names.get(c["name"], c["name"])} for c in calls]
+
+
 def tools_of(case: Case) -> list[dict]:
-    return [{"type": "function", "function": f} for f in case.functions]
+    return [{"type": "function", "function": {**f, "name": api_name(f["name"])}} for f in case.functions]
 
 
 def free_text_messages(case: Case) -> list[dict]:
@@ -319,7 +332,7 @@ async def ask(client, case: Case, arm: str, model: str, max_tokens: int) -> Outc
     else:
         calls = calls_from_text(message.get("content") or "")
         shown = message.get("content") or ""
-    verdict = check_case(case.category, case.functions, calls, case.answers)
+    verdict = check_case(case.category, case.functions, original_names(case, calls), case.answers)
     return Outcome(case, arm, verdict, reply["usage"]["completion_tokens"], reply["choices"][0]["finish_reason"],
                    shown)
 

@@ -312,3 +312,13 @@ def test_a_run_through_the_server_on_tiny_random(tmp_path, capsys):
 def test_an_unknown_category_is_refused(tmp_path, capsys):
     assert main(["--data", str(tmp_path), "--category", "parallel"]) == 2
     assert "parallel" in capsys.readouterr().err
+
+
+def test_dotted_names_travel_as_openai_names_and_score_as_the_originals():
+    from bench.bfcl import Case, api_name, original_names, tools_of
+
+    fn = {"name": "math.factorial", "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}}}
+    case = Case("c", "simple", [{"role": "user", "content": "5!"}], [fn], [{"math.factorial": {"n": [5]}}])
+    assert [t["function"]["name"] for t in tools_of(case)] == ["math_factorial"] == [api_name("math.factorial")]
+    calls = original_names(case, [{"name": "math_factorial", "arguments": {"n": 5}}, {"name": "other", "arguments": {}}])
+    assert [c["name"] for c in calls] == ["math.factorial", "other"] and original_names(case, None) is None
