@@ -1,11 +1,12 @@
 """Shared fixtures: the tiny-random model (milliseconds a step) and, for slow tests, smollm2-135m.
 
-`AGENTRT_DTYPE=bfloat16 python -m pytest` (or float32) runs the suite in that dtype whatever this CPU's
-default is, so a developer on an fp32-only CPU still exercises the bf16 path (slowly: emulated there)."""
+`AGENTRT_DTYPE=bfloat16 python -m pytest` (or float32) runs the suite as on a CPU whose default is that
+dtype: every engine built with dtype "auto" (smollm2-135m's included) takes it, so a developer on an
+fp32-only CPU still exercises the bf16 path (slowly: emulated there). tiny-random stays in fp32, as it
+loads on every machine (its tolerance tests are written for fp32); test_invariance runs it in both."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -23,16 +24,14 @@ def shared_data(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_parts():
-    """(model, tokenizer, eos ids) of tiny-random, loaded once per session (fp32 unless AGENTRT_DTYPE)."""
-    import torch
+    """(model, tokenizer, eos ids) of tiny-random (fp32), loaded once per session."""
     from transformers import AutoTokenizer
 
     from agentrt.model import load_transformer, read_generation_eos
     from agentrt.models import resolve_model
 
     path = resolve_model("tiny-random")
-    dtype = getattr(torch, os.environ.get("AGENTRT_DTYPE") or "float32")
-    return load_transformer(path, dtype=dtype), AutoTokenizer.from_pretrained(path), read_generation_eos(path)
+    return load_transformer(path), AutoTokenizer.from_pretrained(path), read_generation_eos(path)
 
 
 

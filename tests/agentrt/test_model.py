@@ -105,12 +105,15 @@ def test_dtype_auto_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
     import agentrt.model as model_mod
     from agentrt.model import resolve_dtype
 
+    monkeypatch.delenv("AGENTRT_DTYPE", raising=False)
     monkeypatch.setattr(model_mod, "_cpu_has_native_bf16", lambda: True)
     assert resolve_dtype(None, "cpu") is torch.bfloat16 and resolve_dtype("auto", "cpu") is torch.bfloat16
     monkeypatch.setattr(model_mod, "_cpu_has_native_bf16", lambda: False)
     assert resolve_dtype("auto", "cpu") is torch.float32
     assert resolve_dtype(None, "cuda:0") is torch.bfloat16
     assert resolve_dtype("float16", "cpu") is torch.float16 and resolve_dtype(torch.float32, "cuda") is torch.float32
+    monkeypatch.setenv("AGENTRT_DTYPE", "float32")  # stands in for "auto", never for an explicit dtype
+    assert resolve_dtype("auto", "cuda") is torch.float32 and resolve_dtype("bfloat16", "cpu") is torch.bfloat16
 
 
 def test_an_unknown_dtype_is_a_clear_error():
