@@ -55,8 +55,6 @@ class AttentionPlan:
     grouped by how many key blocks they can see (blocks no row of a tile sees are skipped: they would
     add exact zeros), each group with its additive mask."""
 
-    rows: int  # R, grouped query rows per (sequence, KV head)
-    keys: int  # T
     tiles: Tiles
     groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]  # (blocks, seq index, tile index, mask)
 
@@ -79,7 +77,7 @@ def attention_plan(mask: torch.Tensor, tiles: Tiles) -> AttentionPlan:
     for u in need.unique().tolist():
         bi, ti = (need == u).nonzero(as_tuple=True)
         groups.append((u, bi, ti, add[bi, ti, :u].unsqueeze(1)))  # mask [G, 1, u, qt, kb]
-    return AttentionPlan(r, t, tiles, groups)
+    return AttentionPlan(tiles, groups)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:

@@ -225,13 +225,18 @@ class BatchInput:
     logits_rows: torch.Tensor  # [M] rows whose next-token logits are wanted
     exact: ExactRows | None = None  # None: every row takes the fastest kernels
 
+    def split(self) -> tuple[int | None, exact.Tiles]:
+        """(first batch-invariant row or None, their tiles)."""
+        return (None, exact.PREFILL_TILES) if self.exact is None else (self.exact.row, self.exact.tiles)
 
-def linear(layer: nn.Linear, x: torch.Tensor, split: int | None, tiles: exact.Tiles) -> torch.Tensor:
-    """layer(x), rows from `split` on by the batch-invariant kernel; x: [N, in] -> [N, out]."""
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, split: int | None,
+           tiles: exact.Tiles) -> torch.Tensor:
+    """F.linear(x, weight, bias), rows from `split` on by the batch-invariant kernel; [N, in] -> [N, out]."""
     if split is None or split >= x.shape[0]:
-        return layer(x)
-    tail = exact.linear(x[split:], layer.weight, layer.bias, tiles.rows)
-    return tail if split == 0 else torch.cat([layer(x[:split]), tail])
+        return F.linear(x, weight, bias)
+    tail = exact.linear(x[split:], weight, bias, tiles.rows)
+    return tail if split == 0 else torch.cat([F.linear(x[:split], weight, bias), tail])
 
 
 @dataclass
@@ -260,8 +265,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, batch: BatchInput, masks: list, key_rot: list, k_pool, v_pool) -> torch.Tensor:
         n, kv, d, rep = x.shape[0], self.kv, self.d, self.h // self.kv
-        split, tiles = (None, exact.PREFILL_TILES) if batch.exact is None else (batch.exact.row, batch.exact.tiles)
-        q, k, v = linear(self.qkv, x, split, tiles).split([self.h * d, kv * d, kv * d], dim=-1)
+        split, tiles = batch.split()
+        q, k, v = linear(x, self.qkv.weight, self.qkv.bias, split, tiles).split([self.h * d, kv * d, kv * d], dim=-1)
         q, k, v = q.view(n, self.h, d), k.view(n, kv, d), v.view(n, kv, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -303,7 +308,7 @@ class Attention(nn.Module):
             else:
                 o = F.scaled_dot_product_attention(qg, kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=mask)
             out[rows] = o.view(b, kv, rep, nq, d).permute(0, 3, 1, 2, 4).reshape(b * nq, self.h, d)
-        return linear(self.o, out.view(n, self.h * d), split, tiles)
+        return linear(out.view(n, self.h * d), self.o.weight, self.o.bias, split, tiles)
 
     def decode(self, x, cos, sin, step: DecodeInput, k_pool, v_pool, page_size: int, inv_freq) -> torch.Tensor:
         n, kv, d = x.shape[0], self.kv, self.d
@@ -324,8 +329,8 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, split: int | None = None, tiles: exact.Tiles = exact.PREFILL_TILES) -> torch.Tensor:
-        gate, up = linear(self.gate_up, x, split, tiles).chunk(2, dim=-1)
-        return linear(self.down, F.silu(gate) * up, split, tiles)
+        gate, up = linear(x, self.gate_up.weight, self.gate_up.bias, split, tiles).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.down.weight, self.down.bias, split, tiles)
 
 
 class Block(nn.Module):
@@ -352,7 +357,7 @@ class Transformer(nn.Module):
         # k_pools, v_pools: [L, S, KV, D]; returns logits [M, V] in fp32
         x = self.embed(batch.input_ids)  # [N, hidden]
         rope = Rotary.turns(*self.rotary.cos_sin(batch.positions), x.dtype)  # [N, 1, D] each, for every layer
-        split, tiles = (None, exact.PREFILL_TILES) if batch.exact is None else (batch.exact.row, batch.exact.tiles)
+        split, tiles = batch.split()
         masks = [exact.attention_plan(self._grouped_mask(g), tiles) if g.exact else self._additive_mask(g, x.dtype)
                  for g in batch.groups]
         # cos/sin re-rotating gathered keys by key_delta: once per forward, not per layer
@@ -364,11 +369,7 @@ class Transformer(nn.Module):
             x = x + layer.mlp(layer.mlp_norm(x), split, tiles)
         x = self.norm(x[batch.logits_rows])  # [M, hidden]
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        split = None if batch.exact is None else batch.exact.logit
-        if split is None or split >= x.shape[0]:
-            return F.linear(x, head).float()
-        tail = exact.linear(x[split:], head, None, tiles.rows)
-        return (tail if split == 0 else torch.cat([F.linear(x[:split], head), tail])).float()
+        return linear(x, head, None, None if batch.exact is None else batch.exact.logit, tiles).float()
 
 
     @torch.inference_mode()

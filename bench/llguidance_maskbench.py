@@ -46,17 +46,8 @@ def run_xgrammar(cases, tok) -> dict:
             continue
         stats.compile.append(time.perf_counter() - t0)
         for test in case["tests"]:
-            ids = tok.encode(serialise(test["data"], case["schema"])[0], add_special_tokens=False)
             m = compiled.matcher()
-            ok = True
-            for k, t in enumerate(ids):
-                if k < MAX_TOKENS:
-                    t1 = time.perf_counter()
-                    m.fill_next_token_bitmask(bitmask, 0)
-                    stats.mask.append(time.perf_counter() - t1)
-                if not m.accept_token(t):
-                    ok = False
-                    break
+            ok = _walk(stats, tok, test, case, lambda: m.fill_next_token_bitmask(bitmask, 0), m.accept_token)
             stats.vote(bool(test["valid"]), ok and m.accept_token(tok.eos_token_id))
     return stats.summary()
 
@@ -86,19 +77,24 @@ def run_llguidance(cases, tok, *, lenient: bool = False) -> dict:
             continue
         stats.compile.append(time.perf_counter() - t0)
         for test in case["tests"]:
-            ids = tok.encode(serialise(test["data"], case["schema"])[0], add_special_tokens=False)
             m = m0.deep_copy()
-            ok = True
-            for k, t in enumerate(ids):
-                if k < MAX_TOKENS:
-                    t1 = time.perf_counter()
-                    llt.fill_next_token_bitmask(m, bitmask, 0)
-                    stats.mask.append(time.perf_counter() - t1)
-                if not m.consume_token(t):
-                    ok = False
-                    break
+            ok = _walk(stats, tok, test, case, lambda: llt.fill_next_token_bitmask(m, bitmask, 0), m.consume_token)
             stats.vote(bool(test["valid"]), ok and m.is_accepting())
     return stats.summary()
+
+
+def _walk(stats, tok, test: dict, case: dict, fill, accept) -> bool:
+    """Feed one MaskBench instance's tokens to a matcher (`fill` its mask, then `accept` the token), the
+    first MAX_TOKENS masks timed into `stats`; whether every token was accepted."""
+    ids = tok.encode(serialise(test["data"], case["schema"])[0], add_special_tokens=False)
+    for k, t in enumerate(ids):
+        if k < MAX_TOKENS:
+            t1 = time.perf_counter()
+            fill()
+            stats.mask.append(time.perf_counter() - t1)
+        if not accept(t):
+            return False
+    return True
 
 
 class _Stats:
