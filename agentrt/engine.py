@@ -29,7 +29,7 @@ from agentrt.errors import (ContextLengthError, EngineClosedError, EngineError, 
 from agentrt.kv import KVPool, KVSequence, OutOfPagesError
 from agentrt.exact import DETERMINISTIC_TILES, PREFILL_TILES, Tiles
 from agentrt.model import AttentionGroup, BatchInput, ExactRows, Transformer, shared_prefix
-from agentrt.sampling import Detokenizer, SamplingParams, StopChecker, sample, token_logprobs
+from agentrt.sampling import Detokenizer, SamplingParams, StopChecker, apply_penalties, sample, token_logprobs
 
 __all__ = ["Engine", "Output", "Completion", "feed_sequence"]
 
@@ -50,6 +50,9 @@ class Output:
     # with SamplingParams(logprobs=True): each token's log-probability under the model's distribution
     # after the grammar's mask (temperature 1); None for tokens the grammar forced or a controller wrote
     logprobs: list[float | None] | None = None
+    # with SamplingParams(top_logprobs=k): per token, the k most likely tokens {id: log-probability} of the
+    # same distribution; None for forced or written tokens
+    top_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass
@@ -61,6 +64,7 @@ class Completion:
     completion_tokens: int
     incomplete: bool = False
     logprobs: list[float | None] | None = None
+    top_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass(eq=False)
@@ -504,8 +508,12 @@ class Engine:
             rows = [i for i, _ in constrained]
             xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
         params = [w.req.params for w in sampling]
+        penalized = [(i, w.req.params, w.req.prompt_ids, w.req.output_ids) for i, w in enumerate(sampling)
+                     if w.req.params.penalized]
+        if penalized:
+            apply_penalties(logits, penalized)
         tokens = sample(logits, params, [w.req.generator for w in sampling]) if sampling else []
-        logprobs = token_logprobs(logits, tokens, params)
+        logprobs, top_logprobs = token_logprobs(logits, tokens, params)
         self.steps += 1
         for w in work:
             req = w.req
@@ -514,9 +522,9 @@ class Engine:
             # the cache offers only keys a fresh prefill would compute bit for bit
             self.pool.register_prefix(req.seq, req.fed_ids if self.deterministic else
                                       req.fed_ids[:req.prefill_until])
-        for w, token, logprob in zip(sampling, tokens, logprobs):
+        for w, token, logprob, top in zip(sampling, tokens, logprobs, top_logprobs):
             try:
-                self._advance(w.req, token, logprob)
+                self._advance(w.req, token, logprob, top)
             except Exception as exc:  # a faulty constraint fails its own request only
                 log.exception("request %d failed", w.req.id)
                 self._finish(w.req, "cancelled", error=EngineError(f"request failed: {exc}"))
@@ -572,7 +580,8 @@ class Engine:
             exact=None if exact_row is None else ExactRows(exact_row, exact_logit, self._tiles),
         )
 
-    def _advance(self, req: _Request, token: int, logprob: float | None = None) -> None:
+    def _advance(self, req: _Request, token: int, logprob: float | None = None,
+                 top: dict[int, float] | None = None) -> None:
         """Take a sampled token: grammar, stop conditions, jump-forward, stream the text out."""
         c = req.constraint
         if c is not None and not c.accept_token(token):
@@ -580,9 +589,10 @@ class Engine:
         req.output_ids.append(token)
         if token in req.stop_ids and (c is None or c.is_terminated()):
             return self._finish(req, "stop")
-        self._take(req, [token], logprob)
+        self._take(req, [token], logprob, top)
 
-    def _take(self, req: _Request, new: list[int], logprob: float | None = None) -> None:
+    def _take(self, req: _Request, new: list[int], logprob: float | None = None,
+              top: dict[int, float] | None = None) -> None:
         """Tokens accepted and appended to the output: jump-forward, stop conditions, stream out, control."""
         c = req.constraint
         if c is not None and not c.is_terminated():
@@ -591,8 +601,10 @@ class Engine:
         ended = req.stopper.stopped or (c is not None and c.is_terminated())
         if not ended:
             req.pending.extend(new)
-        logprobs = [logprob] + [None] * (len(new) - 1) if req.params.logprobs else None
-        self._emit(req, Output(text, new, logprobs=logprobs))
+        pad = [None] * (len(new) - 1)
+        logprobs = [logprob] + pad if req.params.logprobs else None
+        tops = [top] + pad if req.params.top_logprobs else None
+        self._emit(req, Output(text, new, logprobs=logprobs, top_logprobs=tops))
         if req.control is not None and not req.done:
             req.control.on_tokens(SequenceHandle(self, req), new)
         if ended:
@@ -725,4 +737,6 @@ def _collect(parts: list[Output]) -> Completion:
         completion_tokens=last.completion_tokens,
         incomplete=last.incomplete,
         logprobs=[lp for p in parts for lp in p.logprobs or []] if any(p.logprobs for p in parts) else None,
+        top_logprobs=([t for p in parts for t in p.top_logprobs or []]
+                      if any(p.top_logprobs for p in parts) else None),
     )

@@ -14,7 +14,9 @@ import torch
 
 from agentrt.errors import SamplingParamError
 
-__all__ = ["SamplingParams", "sample", "token_logprobs", "Detokenizer", "StopChecker"]
+__all__ = ["SamplingParams", "sample", "token_logprobs", "apply_penalties", "Detokenizer", "StopChecker"]
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
 
 @dataclass
@@ -28,6 +30,12 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # added to the model's EOS ids
     ignore_eos: bool = False
     logprobs: bool = False  # report each sampled token's log-probability (Output.logprobs)
+    top_logprobs: int = 0  # 0..20 most likely alternatives per token (Output.top_logprobs); implies logprobs
+    # OpenAI's penalties over the output so far (logit -= frequency * count + presence * [count > 0]) and
+    # vLLM's repetition penalty over prompt and output (positive logits divided by it, negative multiplied)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -47,6 +55,17 @@ class SamplingParams:
             raise bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise bad("top_k", f"must be an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad("top_logprobs", f"must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {self.top_logprobs!r}")
+        if self.top_logprobs:
+            self.logprobs = True
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and -2.0 <= v <= 2.0):
+                raise bad(name, f"must be between -2 and 2, got {v!r}")
+        rp = self.repetition_penalty
+        if not (isinstance(rp, (int, float)) and math.isfinite(rp) and 0.0 < rp <= 100.0):
+            raise bad("repetition_penalty", f"must be in (0, 100], got {rp!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", f"must be an integer, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -57,6 +76,25 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)
+
+
+@torch.inference_mode()
+def apply_penalties(logits: torch.Tensor, rows: list[tuple[int, SamplingParams, list[int], list[int]]]) -> None:
+    """Penalise rows of `logits` in place: (row, params, prompt ids, output ids) for each penalised row."""
+    vocab = logits.shape[-1]
+    for i, p, prompt, output in rows:
+        row = logits[i]
+        if output and (p.frequency_penalty or p.presence_penalty):
+            counts = torch.bincount(torch.tensor(output, device=row.device), minlength=vocab)[:vocab].to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(prompt) | set(output)), device=row.device)
+            vals = row.index_select(0, seen)
+            row.index_copy_(0, seen, torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty))
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
@@ -80,17 +118,29 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     return out
 
 
-def token_logprobs(logits: torch.Tensor, tokens: list[int], params: list[SamplingParams]) -> list[float | None]:
-    """log softmax(logits)[token] for the rows whose params ask for logprobs, None elsewhere."""
+def token_logprobs(logits: torch.Tensor, tokens: list[int], params: list[SamplingParams]
+                   ) -> tuple[list[float | None], list[dict[int, float] | None]]:
+    """log softmax(logits)[token] for the rows whose params ask for logprobs (None elsewhere), and the
+    `top_logprobs` most likely tokens of each such row as {token id: log-probability} (None elsewhere).
+
+    `logits` are those sampled from: after the grammar's mask and the penalties, at temperature 1."""
     rows = [i for i, p in enumerate(params) if p.logprobs]
     out: list[float | None] = [None] * len(tokens)
+    top: list[dict[int, float] | None] = [None] * len(tokens)
     if rows:
         index = torch.tensor(rows, device=logits.device)
         chosen = torch.tensor([tokens[i] for i in rows], device=logits.device)
-        values = torch.log_softmax(logits.index_select(0, index), dim=-1).gather(1, chosen[:, None])
-        for i, v in zip(rows, values.view(-1).tolist()):
+        logp = torch.log_softmax(logits.index_select(0, index), dim=-1)
+        values = logp.gather(1, chosen[:, None]).view(-1).tolist()
+        k = max(params[i].top_logprobs for i in rows)
+        best = logp.topk(k, dim=-1) if k else None
+        best_v, best_i = (best.values.tolist(), best.indices.tolist()) if best is not None else ([], [])
+        for j, (i, v) in enumerate(zip(rows, values)):
             out[i] = v
-    return out
+            if params[i].top_logprobs:
+                n = params[i].top_logprobs
+                top[i] = {t: lp for t, lp in zip(best_i[j][:n], best_v[j][:n]) if lp != float("-inf")}
+    return out, top
 
 
 class Detokenizer:

@@ -144,8 +144,50 @@ def test_top_k_one_is_greedy(tiny_engine):
     assert topk == greedy
 
 
+def test_top_logprobs_rank_the_alternatives_of_each_sampled_token(tiny_engine):
+    out = tiny_engine.generate_sync([1, 2, 3], SamplingParams(max_tokens=6, ignore_eos=True, top_logprobs=3))
+    assert len(out.logprobs) == len(out.top_logprobs) == 6
+    for token, lp, top in zip(out.token_ids, out.logprobs, out.top_logprobs):
+        assert len(top) == 3 and max(top, key=top.get) == token  # greedy takes the most likely
+        assert top[token] == lp and all(v <= lp for v in top.values())
+    plain = tiny_engine.generate_sync([1, 2, 3], SamplingParams(max_tokens=6, ignore_eos=True, logprobs=True))
+    assert plain.logprobs == out.logprobs and plain.top_logprobs is None
+
+
+def test_top_logprobs_are_taken_after_the_grammar_mask(make_engine):
+    engine = make_engine()
+    c = EvenTokensOnly(engine.vocab_size, engine.tokenizer.eos_token_id)
+    out = engine.generate_sync([11, 12, 13], SamplingParams(max_tokens=3, top_logprobs=5), c)
+    assert all(t % 2 == 0 for top in out.top_logprobs for t in top)  # masked tokens are not alternatives
+
+
+def test_repetition_penalty_steers_greedy_decoding_off_every_seen_token(tiny_engine):
+    prompt = [5, 6, 7, 8]
+    plain = tiny_engine.generate_sync(prompt, SamplingParams(max_tokens=24, ignore_eos=True)).token_ids
+    out = tiny_engine.generate_sync(prompt, SamplingParams(max_tokens=24, ignore_eos=True,
+                                                           repetition_penalty=100.0)).token_ids
+    # a random model's positive logits shrink a hundredfold once seen: each token is a new one
+    assert len(set(out)) == len(out) and not set(out) & set(prompt)
+    assert out != plain or len(set(plain)) == len(plain)
+
+
+def test_frequency_and_presence_penalties_subtract_per_count():
+    from agentrt.sampling import apply_penalties
+
+    logits = torch.zeros(2, 8)
+    p = SamplingParams(frequency_penalty=0.5, presence_penalty=1.0)
+    apply_penalties(logits, [(1, p, [7], [2, 2, 3])])
+    assert logits[0].tolist() == [0.0] * 8  # an unpenalised row is untouched
+    assert logits[1].tolist() == [0, 0, -2.0, -1.5, 0, 0, 0, 0]  # the prompt's 7 is not counted
+    rep = torch.tensor([[2.0, -2.0, 2.0, 1.0]])
+    apply_penalties(rep, [(0, SamplingParams(repetition_penalty=2.0), [0], [1])])
+    assert rep.tolist() == [[1.0, -4.0, 2.0, 1.0]]
+
+
 @pytest.mark.parametrize("field,value", [("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
-                                         ("max_tokens", 0), ("stop", [""]), ("seed", "x")])
+                                         ("max_tokens", 0), ("stop", [""]), ("seed", "x"), ("top_logprobs", 21),
+                                         ("top_logprobs", -1), ("frequency_penalty", 2.5),
+                                         ("presence_penalty", -3), ("repetition_penalty", 0.0)])
 def test_invalid_sampling_values_name_the_parameter(field, value):
     with pytest.raises(SamplingParamError) as err:
         SamplingParams(**{field: value})
