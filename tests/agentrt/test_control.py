@@ -201,7 +201,7 @@ def test_a_pruned_sequence_that_is_preempted_comes_back_exactly(make_engine):
         task = asyncio.ensure_future(_generate(engine, PROMPT, pruner))
         while not pruner.infos:
             await asyncio.sleep(0.001)
-        engine.call(lambda e: e._preempt(keep=None)).result()  # what a full KV cache does to it
+        engine.call(lambda e: e.scheduler.preempt(keep=None)).result()  # what a full KV cache does to it
         return await task
 
     out = asyncio.run(go())

@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from agentrt.engine import chunk_group, feed_sequence
+from agentrt.engine.runner import chunk_group, feed_sequence
 from agentrt.errors import KVCacheError
 from agentrt.hogwild import CollaborationPrompts, HogwildPool, ViewRecord
 from agentrt.kv import KVPool, KVSequence

@@ -1,0 +1,416 @@
+"""The engine: one thread owns the model, the KV pool and the device; callers stream tokens from it.
+
+A step reads as the engine room is laid out: the scheduler picks the work (continuous batching,
+chunked prefill, preemption), the mask filler starts the grammar masks on a CPU thread, the runner
+runs the forward, the masks are applied and the rows sampled, and the output processor turns the
+tokens into Outputs, which the engine delivers (one wake-up per event loop per step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import os
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import torch
+
+from agentrt.engine.constraint import TokenConstraint
+from agentrt.engine.control import SequenceController, SequenceHandle
+from agentrt.engine.kv import KVPool, OutOfPagesError
+from agentrt.engine.output import OutputProcessor, Processed
+from agentrt.engine.runner import ModelRunner, graphable
+from agentrt.engine.sampling import MaskFiller, SamplingParams, sample_step
+from agentrt.engine.scheduler import Scheduler
+from agentrt.engine.sequence import Completion, Output, Sequence
+from agentrt.engine.tokens import Detokenizer, StopChecker, template_ids
+from agentrt.errors import ContextLengthError, EngineClosedError, EngineError, InvalidRequestError, KVCacheError
+from agentrt.exact import DETERMINISTIC_TILES, PREFILL_TILES, Tiles
+from agentrt.kernels import triton_ready
+from agentrt.model import Transformer
+
+__all__ = ["Engine"]
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer, *, eos_token_ids: list[int] | None = None,
+                 kv_tokens: int = 32768, page_size: int = 16, max_batch_tokens: int = 512,
+                 max_batch_size: int = 32, name: str = "", mask_overlap: bool | None = None,
+                 cuda_graphs: bool | None = None, deterministic: bool | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        cfg = model.cfg
+        self.device = model.embed.weight.device
+        self.vocab_size = cfg.vocab_size
+        num_pages = -(-kv_tokens // page_size)
+        self.pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_pages, page_size,
+                           dtype=model.embed.weight.dtype, device=self.device)
+        self.max_context = min(cfg.max_position, num_pages * page_size)
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        eos = set(eos_token_ids or [])
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = eos
+        # Prefills always run the batch-invariant kernels (agentrt.exact), so a prefix read from the cache
+        # equals a fresh prefill. Deterministic mode runs every row through them, decode steps included:
+        # a request's tokens then never depend on what shares its batch (costlier decode; RESULTS.md).
+        if deterministic is None:
+            deterministic = os.environ.get("AGENTRT_DETERMINISTIC", "") not in ("", "0")
+        self.deterministic = bool(deterministic)
+        self._tiles = DETERMINISTIC_TILES if self.deterministic else PREFILL_TILES
+        # decode steps replay CUDA graphs of the fused step (default: on CUDA when Triton is there)
+        if cuda_graphs is None:
+            cuda_graphs = triton_ready(self.device) and graphable(cfg) and not self.deterministic
+        if cuda_graphs and self.deterministic:
+            raise InvalidRequestError("deterministic mode runs the batch-invariant kernels, not CUDA graphs",
+                                      param="cuda_graphs")
+        # Grammar masks are filled on a CPU thread while the forward runs, where that thread has a core
+        # of its own: on an accelerator, or when torch's threads leave one free. When the forward's
+        # threads take every core, the mask thread pre-empts one and the whole forward waits on it
+        # (2-core CPU, batch 8: 68 ms/token overlapped vs 56 filled before the forward).
+        if mask_overlap is None:
+            mask_overlap = self.device.type != "cpu" or torch.get_num_threads() < (os.cpu_count() or 1)
+        self.scheduler = Scheduler(self.pool, max_batch_size, max_batch_tokens, self.deterministic)
+        self.runner = ModelRunner(model, self.pool, self._tiles, max_batch_tokens=max_batch_tokens,
+                                  max_batch_size=max_batch_size, max_context=self.max_context,
+                                  cuda_graphs=bool(cuda_graphs))
+        self.masks = MaskFiller(self.vocab_size, self.device, max_batch_size, mask_overlap)
+        self.output = OutputProcessor(tokenizer, self.max_context, self._handle)
+        self._ids = itertools.count(1)
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # async consumers' Outputs of this step
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.steps = 0
+        # a CUDA forward returns before it is computed: outputs are delivered while it runs
+        self._async_forward = self.device.type == "cuda"
+
+    @property
+    def mask_overlap(self) -> bool:
+        """False: the masks are filled before the forward instead of during it."""
+        return self.masks.overlap
+
+    @property
+    def mask_seconds(self) -> list[float]:
+        """Per step, time spent filling masks per constrained row (a bounded list)."""
+        return self.masks.seconds
+
+    # --- construction ---------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str = "smollm2-135m", *, device: str | None = None,
+             dtype: torch.dtype | str | None = None, **kwargs) -> Engine:
+        """Resolve a model name (embedded, tiny-random, local dir, hub id) and build an engine for it.
+
+        dtype: a torch dtype or its name; None or "auto" picks bf16 where the hardware runs it natively
+        (CUDA, CPUs with AVX512-BF16 / AMX), else fp32 (see `resolve_dtype`)."""
+        from agentrt.model import load_transformer, read_generation_eos, resolve_dtype
+        from agentrt.models import resolve_model
+        from transformers import AutoTokenizer
+
+        path = resolve_model(model)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dtype = resolve_dtype(dtype, device)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="dtype") from None
+        tok = AutoTokenizer.from_pretrained(path)
+        net = load_transformer(path, dtype=dtype, device=device)
+        return cls(net, tok, eos_token_ids=read_generation_eos(path), name=str(model), **kwargs)
+
+    # --- prompts ----------------------------------------------------------------------------
+    def chat_prompt(self, messages: list[dict], **template_kwargs) -> list[int]:
+        """Token ids of `messages` under the model's chat template, ready for the assistant's turn."""
+        return template_ids(self.tokenizer, messages, **template_kwargs)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not prompt or any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt):
+            raise InvalidRequestError("prompt token ids must be a non-empty list of ids within the vocabulary",
+                                      param="prompt")
+        return list(prompt)
+
+    # --- public API (any thread) -------------------------------------------------------------
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
+               constraint: TokenConstraint | None = None, *, emit: Callable[[Output], None],
+               control: SequenceController | None = None) -> int:
+        """Queue a request; `emit` is called on the engine thread with each Output. Returns its id.
+
+        `control` (thread mode) sees each accepted token on the engine thread and may pause the sequence,
+        write tokens into it and prune its KV cache (see agentrt.control)."""
+        params = params or SamplingParams()
+        params.validate()
+        ids = self.encode(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        if len(ids) >= self.max_context:
+            raise ContextLengthError(len(ids), self.max_context)
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        seq = Sequence(next(self._ids), ids, params, constraint, emit, stop_ids, Detokenizer(self.tokenizer),
+                       StopChecker(params.stop), gen, control=control)
+        self._send(lambda: self.scheduler.add(seq))
+        return seq.id
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request; its pages return to the pool before the next step."""
+        if not self._closed:
+            self._send(lambda: self._cancel(request_id))
+
+    def call(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
+        """Run fn(engine) on the engine thread between two steps (for KV surgery: prune, fork)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            if not fut.set_running_or_notify_cancel():  # the caller gave up before we got to it
+                return
+            try:
+                fut.set_result(fn(self))
+            except BaseException as exc:  # handed to the caller through the future
+                fut.set_exception(exc)
+
+        self._send(run)
+        return fut
+
+    async def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
+                     constraint: TokenConstraint | None = None, *, control: SequenceController | None = None
+                     ) -> AsyncIterator[Output]:
+        """Async iterator of Outputs; leaving it early (break, cancellation) cancels the request."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Output] = asyncio.Queue()
+        rid = self.submit(prompt, params, constraint, emit=_LoopQueue(loop, events), control=control)
+        finished = False
+        try:
+            while True:
+                out = await events.get()
+                if out.error is not None:
+                    finished = True
+                    raise out.error
+                finished = out.finish_reason is not None
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.cancel(rid)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       constraint: TokenConstraint | None = None) -> Completion:
+        parts: list[Output] = [o async for o in self.stream(prompt, params, constraint)]
+        return Completion.of(parts)
+
+    def generate_sync(self, prompt: str | list[int], params: SamplingParams | None = None,
+                      constraint: TokenConstraint | None = None) -> Completion:
+        """Blocking twin of `generate` for scripts and the CLI (not from inside an event loop)."""
+        events: queue.SimpleQueue[Output] = queue.SimpleQueue()
+        self.submit(prompt, params, constraint, emit=events.put)
+        parts: list[Output] = []
+        while not parts or parts[-1].finish_reason is None:
+            out = events.get()
+            if out.error is not None:
+                raise out.error
+            parts.append(out)
+        return Completion.of(parts)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._commands.put(lambda: None)
+        if self._thread is not None:
+            self._thread.join()
+        self.masks.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def tiles(self) -> Tiles:
+        """The batch-invariant kernels' shapes this engine prefills with (every row, when deterministic)."""
+        return self._tiles
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether steps replay captured CUDA graphs of the fused step (off CUDA: never)."""
+        return self.runner.graphs is not None
+
+    @property
+    def num_active(self) -> int:
+        return len(self.scheduler.running) + len(self.scheduler.waiting)
+
+    # --- the loop (engine thread) -------------------------------------------------------------
+    def _send(self, command: Callable[[], None]) -> None:
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="agentrt-engine", daemon=True)
+                self._thread.start()
+        self._commands.put(command)
+
+    def _loop(self) -> None:
+        sched = self.scheduler
+        while True:
+            cmd = self._next_command()
+            while cmd is not None:
+                cmd()
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if not self._async_forward:
+                self._flush()
+            if self._closed:
+                for seq in sched.sequences:
+                    self._finish(seq, "cancelled", error=EngineClosedError("the engine was closed"))
+                self._flush()
+                return
+            if sched.running or sched.waiting:
+                try:
+                    self.step()
+                except Exception as exc:  # an engine fault fails the requests in flight, not the loop
+                    log.exception("engine step failed")
+                    for seq in list(sched.running):
+                        self._finish(seq, "cancelled", error=EngineError(f"engine step failed: {exc}"))
+            if not (self._async_forward and sched.can_step()):  # else the next step delivers, see step()
+                self._flush()
+
+    def _next_command(self) -> Callable[[], None] | None:
+        """The next command, without waiting while a sequence can step; blocks while every sequence is
+        paused (a tool runs), polling briefly when requests wait that may fit once one ends."""
+        try:
+            if self._closed or self.scheduler.can_step():
+                return self._commands.get_nowait()
+            return self._commands.get(timeout=0.01 if self.scheduler.waiting else None)
+        except queue.Empty:
+            return None
+
+    def step(self) -> None:
+        """One engine step: schedule, start the masks, run the forward, apply the masks, sample, output."""
+        for seq, error in self.scheduler.admit():
+            self._finish(seq, "cancelled", error=error)
+        try:
+            work = self.scheduler.schedule()
+        except OutOfPagesError as exc:
+            for seq in list(self.scheduler.running):
+                self._finish(seq, "cancelled", error=KVCacheError(str(exc)))
+            return
+        if not work:
+            self._flush()
+            return
+        sampling = [w.seq for w in work if w.samples]
+        self.masks.start([(i, s.constraint) for i, s in enumerate(sampling) if s.constraint is not None],
+                         len(sampling))
+        logits = self.runner.run(work)  # [M, V]
+        if self._async_forward:  # the device is computing: the last step's outputs go out meanwhile
+            self._flush()
+        self.masks.apply(logits)
+        out = sample_step(logits, [s.params for s in sampling], [s.generator for s in sampling],
+                          [(s.prompt_ids, s.output_ids) for s in sampling])
+        self.steps += 1
+        self.scheduler.postprocess(work)
+        for seq, token, logprob, top in zip(sampling, out.tokens, out.logprobs, out.top_logprobs):
+            self._process(seq, lambda: self.output.sampled(seq, token, logprob, top))
+
+    def _process(self, seq: Sequence, take: Callable[[], Processed]) -> None:
+        """Run one output-processing call for `seq`, deliver its Outputs, end it if it ended."""
+        try:
+            done = take()
+        except Exception as exc:  # a faulty constraint or controller fails its own request only
+            log.exception("request %d failed", seq.id)
+            self._finish(seq, "cancelled", error=exc if isinstance(exc, EngineError) else
+                         EngineError(f"request failed: {exc}"))
+            return
+        for out in done.outputs:
+            self._emit(seq, out)
+        if done.finish is not None:
+            self._finish(seq, done.finish)
+
+    def _handle(self, seq: Sequence) -> SequenceHandle:
+        return SequenceHandle(seq, self.scheduler, self.model.rotary,
+                              lambda s, inject: self._send(lambda: self._resume(s, inject)))
+
+    def _resume(self, seq: Sequence, inject: list[int]) -> None:
+        """Unpause `seq`, first writing `inject` into it (accepted by its constraint, fed by prefill)."""
+        if seq.done:
+            return
+        seq.paused = False
+        self._process(seq, lambda: self.output.injected(seq, inject))
+
+    # --- delivery (engine thread) ------------------------------------------------------------------
+    def _flush(self) -> None:
+        """Deliver the step's Outputs for async consumers: one wake-up per event loop, not per token
+        (with many streams, per-token wake-ups steal the cores the forward runs on)."""
+        while self._outbox:
+            loop, items = self._outbox.popitem()
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed: its consumers are gone
+                for seq, _, _ in items:
+                    if not seq.done:
+                        log.warning("request %d: its consumer is gone; cancelling it", seq.id)
+                        seq.emit = _drop
+                        self._finish(seq, "cancelled")
+
+    def _cancel(self, request_id: int) -> None:
+        for seq in self.scheduler.sequences:
+            if seq.id == request_id:
+                self._finish(seq, "cancelled")
+
+    def _emit(self, seq: Sequence, out: Output) -> None:
+        """Hand an Output to the caller; a caller that is gone (closed event loop) loses its request."""
+        if seq.done and out.finish_reason is None:
+            return  # ended while its Outputs were being made (its consumer went away)
+        if isinstance(seq.emit, _LoopQueue):
+            self._outbox.setdefault(seq.emit.loop, []).append((seq, seq.emit.queue, out))
+            return
+        try:
+            seq.emit(out)
+        except Exception:
+            log.warning("request %d: its consumer is gone; cancelling it", seq.id)
+            if not seq.done and out.finish_reason is None:
+                seq.emit = _drop
+                self._finish(seq, "cancelled")
+
+    def _finish(self, seq: Sequence, reason: str, error: BaseException | None = None) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        self.scheduler.remove(seq)
+        self._emit(seq, self.output.final(seq, reason, error))
+
+
+def _drop(_: Output) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class _LoopQueue:
+    """`emit` of an async consumer: Outputs go to `queue` on `loop`, batched per engine step."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def __call__(self, out: Output) -> None:  # direct use outside the engine loop
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+
+
+def _deliver(items: list) -> None:
+    for _, q, out in items:
+        q.put_nowait(out)

@@ -1,0 +1,488 @@
+"""Hogwild! inference: N workers decode in one batched forward over one shared, paged KV cache.
+
+Implements Rodionov et al., 2025, "Hogwild! Inference: Parallel LLM Generation via Concurrent Attention"
+(arXiv 2504.06261): each block (prompt, finished step, header, a worker's current step) is cached once,
+and every worker's view places the blocks at its own offsets by re-rotating keys (RoPE), never recomputing.
+
+Layout of worker w's view (positions dense from 0):
+    [common: prompt, finished steps in finishing order] [others header]
+    [S_v, pivot  for each other worker v] [own header] [S_w]
+Visibility: tokens fed in a forward are visible to every other worker in that same forward (their blocks
+sit before the worker's own block, so each view is causal in view order); the logits a worker samples
+from are exactly the next-token logits of its view after that forward. Every token's K/V are computed
+once, by its writer over the writer's view at that moment; a finished step joins the common history as
+the same pages (no copy, no recompute). So, exactly: (1) a worker's logits equal an ordinary forward of
+its last token over its view's cached K/V placed at dense positions, for any depth; (2) they equal a fresh
+prefill of the view's tokens only where those K/V do not depend on context: the first layer (a one-layer
+model). Deeper K/V keep the context their writer saw (Alice's tokens saw Bob's step, which follows them
+in Bob's view) - inherent to Hogwild!, which the paper does not recompute either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+
+import torch
+
+from agentrt.engine.constraint import TokenConstraint
+from agentrt.engine.kv import KVSequence
+from agentrt.engine.sampling import SamplingParams, sample_step
+from agentrt.errors import EngineClosedError, EngineError, InvalidRequestError
+
+__all__ = ["CollaborationPrompts", "HogwildPool", "HogwildResult", "ViewRecord"]
+
+log = logging.getLogger(__name__)
+
+_GREEDY = SamplingParams()
+NAMES = ("Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi")
+
+
+@dataclass
+class CollaborationPrompts:
+    """The text that turns N decoders into collaborators (after the Hogwild! paper's prompts)."""
+
+    names: tuple[str, ...] = NAMES
+    history_header: str = "### Past steps\n\n"
+    others_header: str = "### Work in progress (others)\n\n"
+    pivot: str = " <...>\n\n"  # closes another worker's unfinished step
+    own_header: str = "### Work in progress (own)\n\n"
+    check: str = "Quick check: am I doing redundant work? (yes/no): "
+    check_every: int = 256  # a worker's own tokens between two checks
+    answer_marker: str = "Final answer:"
+    finisher: str = "\n\nTime is up: we must answer now, from the work above. "
+
+    def name(self, worker: int) -> str:
+        return self.names[worker] if worker < len(self.names) else f"Worker{worker + 1}"
+
+    def step_prefix(self, worker: int, step: int) -> str:
+        return f"**{self.name(worker)} [{step}]:** "
+
+    def opening(self, worker: int) -> str:
+        hi = f"Hi, I'm {self.name(worker)}."
+        return self.step_prefix(worker, 1) + (hi + " Here is how we can split the work:" if worker == 0 else hi)
+
+    def system(self, workers: int) -> str:
+        names = [self.name(w) for w in range(workers)]
+        team = names[0] if workers == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        return (
+            f"You are one of {workers} assistants ({team}) solving the same task together. You all write at "
+            "the same time, one paragraph (step) at a time, and see each other's work as it is written.\n"
+            f"- '{self.history_header.strip()}' holds everyone's finished steps, each starting with "
+            "**Name [step number]:**\n"
+            f"- '{self.others_header.strip()}' shows the others' unfinished steps, each ending with "
+            f"'{self.pivot.strip()}'; after '{self.own_header.strip()}' you write your own step.\n"
+            "How to collaborate:\n"
+            f"1. Plan first: propose how to split the task between you; if plans differ, follow {names[0]}'s.\n"
+            "2. Announce what you will do next before you do it (e.g. 'I will check the edge cases').\n"
+            "3. Never do work another assistant has done or is doing: when you notice it, stop mid-sentence "
+            "and switch to something else.\n"
+            "4. Check and build on each other's results, and answer questions addressed to you.\n"
+            f"5. Keep steps short. When the task is solved, one of you writes '{self.answer_marker} <answer>'."
+        )
+
+
+@dataclass
+class HogwildResult:
+    answer: str | None  # None when no answer was given and no finisher ran
+    texts: list[str]  # what each worker wrote, its step headers included
+    token_ids: list[list[int]]  # the same, as token ids (forced headers included, EOS excluded)
+    transcript: str  # common history and unfinished steps, as the finisher saw them
+    finish_reason: str  # answer | length | stop
+    generated_tokens: int  # tokens sampled by the workers (forced text excluded)
+    steps: int  # batched forwards
+
+
+@dataclass
+class ViewRecord:
+    """What one row attended to in the last forward (kept when `trace=True`, for checks and debugging)."""
+
+    worker: int  # -1: finisher, -2: a header or the prompt
+    token_ids: list[int]  # the view's tokens, in view order
+    slots: torch.Tensor  # [T] pool slot of each
+    stored_positions: torch.Tensor  # [T] position each key was rotated at when written
+    logits: torch.Tensor  # [V] next-token logits of the view
+    keys: torch.Tensor  # [L, T, KV, D] the keys as attended (finished steps move later, see _join)
+
+
+@dataclass(eq=False)
+class _Block:
+    """A run of cached tokens in its own page table; positions are those its writer saw."""
+
+    seq: KVSequence
+    ids: list[int] = field(default_factory=list)
+    _keys: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def keys(self, pool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots, stored positions), both [len]; cached while the block does not grow."""
+        if self._keys is None or self._keys[0].numel() != len(self.ids):
+            self._keys = (pool.slots(self.seq), torch.tensor(self.seq.positions, dtype=torch.long))
+        return self._keys
+
+
+@dataclass(eq=False)
+class _Worker:
+    index: int
+    block: _Block
+    pending: list[int]  # tokens to feed next forward
+    generator: torch.Generator | None
+    ids: list[int] = field(default_factory=list)
+    step_ids: list[int] = field(default_factory=list)
+    forced: int = 0  # leading forced tokens (the header) of the current step
+    step: int = 1
+    since_check: int = 0
+    ending: bool = False  # the pending token closes the step: join after the next forward
+    done: bool = False
+
+
+_Row = tuple[int, list[_Block], _Block, list[int]]  # (label, context blocks, own block, tokens to feed)
+
+
+class HogwildPool:
+    """N workers over one engine's KV pool. `run` / `run_sync` do a whole task; `start`, `step`, `close`
+    drive it one batched forward at a time. All model and pool work runs on the engine thread."""
+
+    def __init__(self, engine, workers: int = 2, *, collaborate: bool = True,
+                 prompts: CollaborationPrompts | None = None, separator: str = "\n\n",
+                 max_step_tokens: int = 256, trace: bool = False, fused: bool | None = None) -> None:
+        if not isinstance(workers, int) or not 1 <= workers <= 64:
+            raise InvalidRequestError(f"workers must be an integer from 1 to 64, got {workers!r}", param="workers")
+        if max_step_tokens < 1:
+            raise InvalidRequestError("max_step_tokens must be >= 1", param="max_step_tokens")
+        self.engine = engine
+        self.pool = engine.pool
+        self.tok = engine.tokenizer
+        self.num_workers = workers
+        self.prompts = (prompts or CollaborationPrompts()) if collaborate else None
+        self.separator = separator
+        self.max_step_tokens = max_step_tokens
+        self.trace = trace
+        self.views: list[ViewRecord] = []  # the last forward's rows, when tracing
+        # steps of few tokens run the fused step (CUDA graphs on a GPU): views as slot tables + key deltas
+        self._fused = engine.cuda_graphs if fused is None else fused
+        self._seqs: list[KVSequence] = []
+        self._owner: object | None = None  # the run holding the pages
+        self._reset(SamplingParams(), 0, None)
+
+    # --- public API -----------------------------------------------------------------------------
+    async def run(self, task: str | list[int], *, max_tokens: int = 512, params: SamplingParams | None = None,
+                  answer_tokens: int = 64, constraint: TokenConstraint | None = None) -> HogwildResult:
+        """Solve `task` with all workers until an answer or `max_tokens` sampled tokens in total.
+
+        params: temperature / top_p / top_k / seed for the workers (its max_tokens is not used).
+        constraint: e.g. an `agentrt.grammar` matcher for a JSON schema; the finisher answers under it.
+        Cancelling the call returns every page to the pool.
+        """
+        owner = object()
+        gen = self._drive(task, owner, max_tokens, params, answer_tokens, constraint)
+        try:
+            fn = next(gen)
+            while True:  # shield: a cancelled await must not cancel the engine-side call midway
+                fn = gen.send(await asyncio.shield(asyncio.wrap_future(self._call(fn))))
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            try:
+                await asyncio.shield(asyncio.wrap_future(self._call(lambda: self._release(owner))))
+            except EngineClosedError:
+                pass  # the pool went away with the engine
+
+    def run_sync(self, task: str | list[int], *, max_tokens: int = 512, params: SamplingParams | None = None,
+                 answer_tokens: int = 64, constraint: TokenConstraint | None = None) -> HogwildResult:
+        """Blocking twin of `run` (not from inside an event loop)."""
+        owner = object()
+        gen = self._drive(task, owner, max_tokens, params, answer_tokens, constraint)
+        try:
+            fn = next(gen)
+            while True:
+                fn = gen.send(self._call(fn).result())
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            self._close(owner)
+
+    def start(self, task: str | list[int], *, max_tokens: int = 512, params: SamplingParams | None = None) -> None:
+        """Prefill the task and the workers' openings (sampling their first tokens)."""
+        prompt = self._prompt_ids(task)
+        self._call(lambda: self._begin(prompt, params or SamplingParams(), max_tokens, object())).result()
+
+    def step(self) -> bool:
+        """One batched forward for all workers; False once the run has finished."""
+        return bool(self._call(self._step).result())
+
+    def close(self) -> None:
+        """Return every page this pool holds (idempotent)."""
+        self._close(None)
+
+    def result(self) -> HogwildResult:
+        """The run so far (after `start` / `step`; no finisher): texts, tokens, steps, finish reason."""
+        return self._call(self._result).result()
+
+    def view_ids(self, worker: int) -> list[int]:
+        """Worker `worker`'s view as token ids: what it sees right now."""
+        return [t for b in [*self._context(self._workers[worker]), self._workers[worker].block] for t in b.ids]
+
+    # --- driving (sync and async share this) ------------------------------------------------------
+    def _call(self, fn: Callable[[], object]):
+        return self.engine.call(lambda _engine: fn())
+
+    def _close(self, owner: object | None) -> None:
+        try:
+            self._call(lambda: self._release(owner)).result()
+        except EngineClosedError:
+            pass  # the pool went away with the engine
+
+    def _drive(self, task, owner: object, max_tokens: int, params: SamplingParams | None, answer_tokens: int,
+               constraint: TokenConstraint | None) -> Generator[Callable[[], object], object, HogwildResult]:
+        """Yields the functions to run on the engine thread, one per forward; returns the result."""
+        prompt = self._prompt_ids(task)
+        yield lambda: self._begin(prompt, params or SamplingParams(), max_tokens, owner)
+        while (yield self._step):
+            pass
+        if self.prompts is not None and (constraint is not None or self._answer is None):
+            suffix = self.tok.encode(self.prompts.finisher + self.prompts.answer_marker, add_special_tokens=False)
+            yield lambda: self._begin_finisher(suffix, constraint, answer_tokens)
+            while (yield self._finisher_step):
+                pass
+        log.info("hogwild: %d workers, %d tokens in %d steps, %s", self.num_workers, self._generated, self._steps,
+                 self._reason)
+        return self._result()
+
+    def _prompt_ids(self, task: str | list[int]) -> list[int]:
+        if not isinstance(task, str) or self.prompts is None:
+            return self.engine.encode(task)
+        ids = self.engine.chat_prompt([{"role": "system", "content": self.prompts.system(self.num_workers)},
+                                       {"role": "user", "content": task}])
+        return ids + self._encode(self.prompts.history_header)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False) if text else []
+
+    # --- engine thread: state ----------------------------------------------------------------------
+    def _reset(self, params: SamplingParams, max_tokens: int, common: _Block | None) -> None:
+        self._params, self._max_tokens = params, max_tokens
+        self._common: list[_Block] = [common] if common else []
+        self._headers: tuple[_Block, _Block, _Block] | None = None  # others, pivot, own
+        self._workers: list[_Worker] = []
+        self._finisher: _Worker | None = None
+        self._answer: str | None = None
+        self._reason = "length"
+        self._generated = self._steps = 0
+        self._running = False
+
+    def _new_block(self) -> _Block:
+        block = _Block(KVSequence())
+        self._seqs.append(block.seq)
+        return block
+
+    def _release(self, owner: object | None = None) -> None:
+        """Free every block's pages (only `owner`'s run, when given: never another run's)."""
+        if owner is not None and owner is not self._owner:
+            return
+        for seq in self._seqs:
+            self.pool.free(seq)
+        self._seqs.clear()
+        self._running, self._owner = False, None
+
+    def _context(self, me: _Worker | None) -> list[_Block]:
+        """The blocks before `me`'s own step in its view (me=None: the finisher's view, everyone's steps)."""
+        out = list(self._common)
+        others, pivot, own = self._headers or (None, None, None)
+        if others is not None:
+            out.append(others)
+        for w in self._workers:
+            if w is not me:
+                out.append(w.block)
+                if pivot is not None:
+                    out.append(pivot)
+        if me is not None and own is not None:
+            out.append(own)
+        return out
+
+    def _begin(self, prompt: list[int], params: SamplingParams, max_tokens: int, owner: object) -> None:
+        if self._owner is not None:
+            raise EngineError("this HogwildPool is running a task: one run at a time (make another pool)")
+        if max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be >= 1", param="max_tokens")
+        self._owner = owner
+        try:
+            self._prefill(prompt, params, max_tokens)
+        except BaseException:
+            self._release()
+            raise
+
+    def _prefill(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> None:
+        self._reset(params, max_tokens, self._new_block())
+        self._running = True
+        first = self._forward([(-2, [], self._common[0], prompt)])  # [1, V]
+        for w in range(self.num_workers):
+            gen = None if params.seed is None else torch.Generator(self.pool.k.device).manual_seed(params.seed + w)
+            self._workers.append(_Worker(w, self._new_block(), [], gen))
+        if self.prompts is None:  # plain mode: every worker samples its first token from the prompt
+            self._accept(list(zip(self._workers, first.expand(self.num_workers, -1))))
+            return
+        p = self.prompts
+        self._headers = (self._new_block(), self._new_block(), self._new_block())
+        rows: list[_Row] = [(-2, self._common[:], h, self._encode(text))
+                            for h, text in zip(self._headers, (p.others_header, p.pivot, p.own_header))]
+        for w in self._workers:
+            w.pending = self._encode(p.opening(w.index))
+            w.ids, w.step_ids, w.forced = list(w.pending), list(w.pending), len(w.pending)
+            rows.append((w.index, self._context(w), w.block, w.pending))
+        logits = self._forward(rows)
+        self._steps += 1
+        for w in self._workers:
+            w.pending = []
+        self._accept(list(zip(self._workers, logits[3:])))
+
+    # --- engine thread: one step -----------------------------------------------------------------
+    def _step(self) -> bool:
+        active = [w for w in self._workers if w.pending and not w.done]
+        if not self._running or not active:
+            return False
+        longest = max(sum(len(b.ids) for b in self._context(w)) + len(w.block.ids) for w in active)
+        if longest + sum(len(w.pending) for w in active) + 1 >= self.engine.max_context:
+            log.info("hogwild: views reached the context limit (%d)", self.engine.max_context)
+            self._running = False
+            return False
+        logits = self._forward([(w.index, self._context(w), w.block, w.pending) for w in active])  # [R, V]
+        self._steps += 1
+        sampling = []
+        for w, row in zip(active, logits):
+            w.pending = []
+            if w.ending:  # the step's last token is cached: the step joins the common history as is
+                self._join(w)
+                if w.pending:  # forced text (the next step's header) goes first
+                    continue
+            sampling.append((w, row))
+        self._accept(sampling)
+        return self._running
+
+    def _join(self, w: _Worker) -> None:
+        # Re-rotate the finished step once to where it now sits in every view (the history comes
+        # first in all of them), so later forwards need not re-rotate it per view and layer. Its
+        # tokens were written at their writer's view positions, which jump whenever another worker's
+        # step (placed before it) grew: the move is per token, onto dense positions.
+        offset = sum(len(b.ids) for b in self._common)
+        seq = w.block.seq
+        moves = [offset + i - p for i, p in enumerate(seq.positions)]
+        if any(moves):
+            self.pool.reposition(seq, 0, seq.length, moves, self.engine.model.rotary)
+            w.block._keys = None
+        self._common.append(w.block)
+        w.block, w.ending, w.step = self._new_block(), False, w.step + 1
+        prefix = ""
+        if self.prompts is not None:  # a step cut at max_step_tokens still ends its paragraph
+            cut = not self.tok.decode(w.step_ids[-2:]).endswith(self.separator)
+            prefix = (self.separator if cut else "") + self.prompts.step_prefix(w.index, w.step)
+            if w.since_check >= self.prompts.check_every:
+                prefix, w.since_check = prefix + self.prompts.check, 0
+        w.pending = self._encode(prefix)
+        w.step_ids, w.forced = list(w.pending), len(w.pending)
+        w.ids += w.pending
+
+    def _accept(self, sampling: list[tuple[_Worker, torch.Tensor]]) -> None:
+        """Sample each worker's next token; detect step ends, answers, EOS and the budget."""
+        if not sampling:
+            return
+        rows = torch.stack([row for _, row in sampling])  # [R, V]
+        tokens = sample_step(rows, [self._params] * len(sampling), [w.generator for w, _ in sampling]).tokens
+        for (w, _), t in zip(sampling, tokens):
+            if self._generated >= self._max_tokens:
+                self._reason, self._running = "length", False
+                return
+            if t in self.engine.eos_token_ids:
+                w.done = True
+                self._check_answer(w)
+                if all(x.done for x in self._workers) and self._running:
+                    self._reason, self._running = "stop", False
+                continue
+            self._generated += 1
+            w.since_check += 1
+            w.ids.append(t)
+            w.step_ids.append(t)
+            w.pending = [t]
+            written = len(w.step_ids) - w.forced
+            if self.separator in self.tok.decode(w.step_ids[-min(2, written):]) or written >= self.max_step_tokens:
+                w.ending = True
+                self._check_answer(w)
+        if self._generated >= self._max_tokens and self._running:
+            self._reason, self._running = "length", False
+
+    def _check_answer(self, w: _Worker) -> None:
+        marker = self.prompts.answer_marker if self.prompts is not None else None
+        text = self.tok.decode(w.step_ids, skip_special_tokens=True)
+        if marker and marker in text and self._answer is None:
+            self._answer = text.rsplit(marker, 1)[1].strip()
+            self._reason, self._running = "answer", False
+
+    # --- engine thread: the finisher ---------------------------------------------------------------
+    def _begin_finisher(self, suffix: list[int], constraint: TokenConstraint | None, answer_tokens: int) -> None:
+        self._finisher = _Worker(-1, self._new_block(), suffix, None)
+        self._constraint, self._answer_budget, self._answer_ids = constraint, answer_tokens, []
+
+    def _finisher_step(self) -> bool:
+        f, c = self._finisher, self._constraint
+        logits = self._forward([(-1, self._context(None), f.block, f.pending)])  # [1, V]
+        if c is not None:
+            self.engine.masks.mask(logits, [(0, c)])
+        t = sample_step(logits, [_GREEDY], [None]).tokens[0]
+        if c is not None and not c.accept_token(t):
+            raise EngineError(f"the answer's grammar rejected token {t}")
+        if t in self.engine.eos_token_ids and (c is None or c.is_terminated()):
+            return self._set_answer()
+        self._answer_ids.append(t)
+        f.pending = [t]
+        text = self.tok.decode(self._answer_ids, skip_special_tokens=True)
+        if (c is not None and c.is_terminated()) or (c is None and "\n" in text.strip()) \
+                or len(self._answer_ids) >= self._answer_budget:
+            return self._set_answer()
+        return True
+
+    def _set_answer(self) -> bool:
+        self._answer = self.tok.decode(self._answer_ids, skip_special_tokens=True).strip()
+        return False
+
+    def _result(self) -> HogwildResult:
+        ids = [w.ids for w in self._workers]
+        transcript_blocks = self._context(None)[1:]  # without the prompt
+        return HogwildResult(
+            answer=self._answer,
+            texts=[self.tok.decode(i, skip_special_tokens=True) for i in ids],
+            token_ids=ids,
+            transcript=self.tok.decode([t for b in transcript_blocks for t in b.ids], skip_special_tokens=True),
+            finish_reason=self._reason,
+            generated_tokens=self._generated,
+            steps=self._steps,
+        )
+
+    # --- engine thread: the batched forward ----------------------------------------------------------
+    def _forward(self, rows: list[_Row]) -> torch.Tensor:
+        """Feed each row's tokens into its own block, attending over [context, own]: one model call.
+
+        Rows see each other's tokens of this forward (K/V are written before attention in every layer).
+        Returns the next-token logits after each row's last token: [R, V].
+        """
+        pool = self.pool
+        grows = {id(own): len(new) for _, _, own, new in rows}
+        # where the new tokens sit in their writer's view (every row's tokens of this forward included)
+        starts = [sum(len(b.ids) + grows.get(id(b), 0) for b in ctx) + len(own.ids) for _, ctx, own, _ in rows]
+        ids, positions, writes = [], [], []
+        for (_, _, own, new), start in zip(rows, starts):
+            pos = list(range(start, start + len(new)))
+            writes.append(pool.append(own.seq, len(new), pos))
+            own.ids += new
+            ids += new
+            positions += pos
+        views = [[b.keys(pool) for b in (*ctx, own)] for _, ctx, own, _ in rows]
+        slots = [torch.cat([s for s, _ in v]) for v in views]  # [T_r] each
+        stored = [torch.cat([p for _, p in v]) for v in views]  # [T_r] position each key was written at
+        qs = [len(new) for *_, new in rows]
+        logits = self.engine.runner.run_views(ids, positions, writes, slots, stored, qs, self._fused)
+        if self.trace:
+            self.views = [ViewRecord(label, [x for b in (*ctx, own) for x in b.ids], s, p, logits[r].clone(),
+                                     pool.k[:, s].clone())
+                          for r, ((label, ctx, own, _), s, p) in enumerate(zip(rows, slots, stored))]
+        return logits

@@ -1,0 +1,190 @@
+"""The model runner: turns the scheduler's work into one batched forward and returns its logits.
+
+Two kinds of batch: the engine's (each sequence feeds its pending tokens over its own pages: one
+attention group per multi-token chunk, one for the single-token rows of each kernel kind) and hogwild's
+views (each row attends over a list of blocks whose keys are re-rotated to the row's own positions).
+Either replays a captured CUDA graph of the fused step where one fits, else runs the eager forward.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from agentrt.engine.cuda_graphs import DecodeGraphs
+from agentrt.engine.kv import KVPool, KVSequence
+from agentrt.engine.scheduler import Work
+from agentrt.exact import PREFILL_TILES, Tiles
+from agentrt.model import AttentionGroup, BatchInput, ExactRows, Transformer, shared_prefix
+
+__all__ = ["ModelRunner", "chunk_group", "feed_sequence", "graphable"]
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, pool: KVPool, tiles: Tiles, *, max_batch_tokens: int,
+                 max_batch_size: int, max_context: int, cuda_graphs: bool) -> None:
+        self.model, self.pool, self.tiles = model, pool, tiles
+        self.device = pool.k.device
+        self.max_context = max_context
+        # decode steps replay CUDA graphs of the fused step: every step the scheduler builds (decodes,
+        # jump-forward and prefill chunks) replays a graph
+        self.graphs = DecodeGraphs(model, pool, max_batch_tokens, max_batch_size, max_context) if cuda_graphs \
+            else None
+        self._view_graphs: DecodeGraphs | None = None
+
+    def run(self, work: list[Work]) -> torch.Tensor:
+        """Logits for the step's sampling rows ([M, V]), from a replayed CUDA graph where there is one."""
+        graphs = self.graphs
+        if graphs is not None and not any(w.exact for w in work) and graphs.fits(
+                sum(w.n for w in work), sum(w.samples for w in work), max(w.seq.kv.length for w in work)):
+            return graphs.run([(w.seq.kv, w.seq.pending[:w.n]) for w in work],
+                              [i for i, w in enumerate(work) if w.samples])
+        return self.model(self.build_batch(work), self.pool.k, self.pool.v)
+
+    def build_batch(self, work: list[Work]) -> BatchInput:
+        """The step's rows in `work` order (fast rows, then batch-invariant ones): one attention group
+        per multi-token chunk, one for the single-token rows of each kind."""
+        ids, positions, slots, groups, logits_rows = [], [], [], [], []
+        singles: dict[bool, tuple[list[int], list[torch.Tensor]]] = {False: ([], []), True: ([], [])}
+        row, exact_row, exact_logit = 0, None, None
+        for w in work:
+            seq, total = w.seq.kv, w.seq.kv.length
+            start = total - w.n
+            if w.exact and exact_row is None:
+                exact_row, exact_logit = row, len(logits_rows)
+            ids.extend(w.seq.pending[:w.n])
+            positions.extend(seq.positions[start:])
+            slots.append(self.pool.slots(seq, start, total))
+            if w.n == 1:
+                singles[w.exact][0].append(row)
+                singles[w.exact][1].append(self.pool.slots(seq))
+            else:
+                groups.append(chunk_group(self.pool, seq, row, w.n, exact=w.exact))
+            row += w.n
+            if w.samples:
+                logits_rows.append(row - 1)
+        for exact, (rows, seq_slots) in singles.items():
+            if rows:
+                groups.append(single_token_group(rows, seq_slots, exact))
+        dev = self.device
+        return BatchInput(
+            input_ids=torch.tensor(ids, device=dev),
+            positions=torch.tensor(positions, device=dev),
+            write_slots=torch.cat(slots).to(dev),
+            groups=[g.to(dev) for g in groups],
+            logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            exact=None if exact_row is None else ExactRows(exact_row, exact_logit, self.tiles),
+        )
+
+    # --- hogwild views ------------------------------------------------------------------------------
+    def view_graphs(self) -> DecodeGraphs:
+        """The fused step for hogwild views (slot tables and key deltas), shared by every pool on this
+        engine so graphs are captured once: at most 64 new tokens and 67 rows (64 workers and 3 headers)."""
+        if self._view_graphs is None:
+            self._view_graphs = DecodeGraphs(self.model, self.pool, max_tokens=64, max_rows=67,
+                                             max_context=self.max_context, views=True)
+        return self._view_graphs
+
+    def run_views(self, ids: list[int], positions: list[int], writes: list[torch.Tensor], slots: list[torch.Tensor],
+                  stored: list[torch.Tensor], qs: list[int], fused: bool) -> torch.Tensor:
+        """One forward over hogwild views: row r feeds qs[r] of `ids` (written at `writes`, at `positions`)
+        attending over the keys at slots[r], each stored at position stored[r] (re-rotated to the view's
+        dense positions). Next-token logits after each row's last token: [R, V]."""
+        graphs = self.view_graphs() if fused else None
+        if graphs is not None and graphs.fits(sum(qs), len(qs), max(s.numel() for s in slots)):
+            return self._run_views_fused(graphs, ids, positions, writes, slots, stored, qs)
+        return self._run_views_eager(ids, positions, writes, slots, stored, qs)
+
+    def _run_views_eager(self, ids, positions, writes, slots, stored, qs) -> torch.Tensor:
+        """The batched forward with attention groups: each view's keys gathered and re-rotated."""
+        pool, dev = self.pool, self.device
+        rows = range(len(qs))
+        first = [sum(qs[:r]) for r in rows]  # each row's first token in the batch
+        groups = []
+        for q in sorted(set(qs)):  # rows feeding the same number of tokens attend together
+            members = [r for r in rows if qs[r] == q]
+            tmax = max(slots[r].numel() for r in members)
+            g_slots = torch.zeros(len(members), tmax, dtype=torch.long)  # [b, T], padding masked out
+            g_delta = torch.zeros(len(members), tmax, dtype=torch.long)  # [b, T] view pos - stored pos
+            g_mask = torch.zeros(len(members), 1, q, tmax, dtype=torch.bool)  # [b, 1, q, T]
+            for i, r in enumerate(members):
+                t = slots[r].numel()
+                g_slots[i, :t], g_delta[i, :t] = slots[r], torch.arange(t) - stored[r]
+                g_mask[i, 0] = torch.arange(tmax)[None, :] < torch.arange(t - q + 1, t + 1)[:, None]  # causal
+            g_rows = torch.tensor(first)[members][:, None] + torch.arange(q)  # [b, q]
+            moved = g_delta.to(dev) if bool(g_delta.any()) else None  # None: every key where it was written
+            # the history is re-positioned as it joins (see _join): its keys need no rotation per view
+            still = int((g_delta != 0).int().argmax(dim=1)[g_delta.any(dim=1)].min()) if moved is not None else 0
+            shared = shared_prefix(g_slots, [slots[r].numel() - q for r in members], g_delta)
+            groups.append(AttentionGroup(g_rows.to(dev), g_slots.to(dev), g_mask.to(dev), moved, still, shared))
+        last = [f + q - 1 for f, q in zip(first, qs)]
+        batch = BatchInput(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
+                           torch.cat(writes).to(dev), groups, torch.tensor(last, device=dev))
+        return self.model(batch, pool.k, pool.v)  # [R, V]
+
+    @staticmethod
+    def _run_views_fused(graphs, ids, positions, writes, slots, stored, qs) -> torch.Tensor:
+        """The fused step: every new token a row with its view's slot table, key deltas and key count."""
+        host = graphs.host()
+        n = len(ids)
+        host.input_ids[:n], host.positions[:n] = ids, positions
+        host.write_slots[:n] = torch.cat(writes).numpy()
+        r, cols, last = 0, 1, []
+        for s, p, q in zip(slots, stored, qs):
+            t = s.numel()
+            table, delta = s.numpy(), np.arange(t) - p.numpy()  # view position - stored position
+            for j in range(q):  # causal among the row's own new tokens
+                host.lengths[r] = t - q + 1 + j
+                host.page_table[r, :t] = table
+                host.key_delta[r, :t] = delta
+                r += 1
+            last.append(r - 1)
+            cols = max(cols, t)
+        host.logits_rows[:len(last)] = last
+        return graphs.launch(r, cols, len(last))
+
+
+def chunk_group(pool: KVPool, seq: KVSequence, row: int, n: int, exact: bool = False) -> AttentionGroup:
+    """Attention for the last `n` tokens of `seq` (already appended), fed at batch rows row..row+n-1;
+    `exact`: by the batch-invariant kernel."""
+    total, start = seq.length, seq.length - n
+    rows = torch.arange(row, row + n).view(1, -1)
+    if start == 0 and not exact:
+        return AttentionGroup(rows, None, None)  # plain causal over the fresh keys
+    mask = torch.ones(n, total, dtype=torch.bool).tril(diagonal=start)  # query i sees keys 0 .. start + i
+    return AttentionGroup(rows, pool.slots(seq).view(1, -1), mask.view(1, 1, n, total), exact=exact)
+
+
+def single_token_group(rows: list[int], seq_slots: list[torch.Tensor], exact: bool) -> AttentionGroup:
+    """One new token per sequence at `rows`, each over its own keys (padded to the longest)."""
+    t = max(len(s) for s in seq_slots)
+    padded = torch.zeros(len(rows), t, dtype=torch.long)
+    mask = torch.zeros(len(rows), 1, 1, t, dtype=torch.bool)
+    for i, s in enumerate(seq_slots):
+        padded[i, :len(s)] = s
+        mask[i, 0, 0, :len(s)] = True
+    # requests whose prompts share cached pages read those keys once (cascade, on CPU)
+    shared = 0 if exact else shared_prefix(padded, [len(s) for s in seq_slots])
+    return AttentionGroup(torch.tensor(rows).view(-1, 1), padded, mask, shared=shared, exact=exact)
+
+
+def feed_sequence(model: Transformer, pool: KVPool, seq: KVSequence, tokens: list[int],
+                  positions: list[int] | None = None, exact: bool = True, tiles: Tiles = PREFILL_TILES
+                  ) -> torch.Tensor:
+    """Feed `tokens` to one sequence outside the engine loop, as the engine prefills (by the batch-invariant
+    kernels of `tiles`, an engine's `tiles`; `exact=False`: by the fastest ones); logits for each: [n, V].
+
+    For tests, benchmarks and KV surgery checks (a fresh prefill to compare a pruned sequence against).
+    """
+    n = len(tokens)
+    slots = pool.append(seq, n, positions)
+    dev = pool.k.device
+    g = chunk_group(pool, seq, 0, n, exact=exact).to(dev)
+    batch = BatchInput(torch.tensor(tokens, device=dev), torch.tensor(seq.positions[-n:], device=dev),
+                       slots.to(dev), [g], torch.arange(n, device=dev), ExactRows(0, 0, tiles) if exact else None)
+    return model(batch, pool.k, pool.v)
+
+
+def graphable(cfg) -> bool:
+    """The fused kernels need a power-of-two head size (Triton block shapes)."""
+    return cfg.head_dim >= 16 and cfg.head_dim & (cfg.head_dim - 1) == 0
