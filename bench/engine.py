@@ -14,6 +14,10 @@ import time
 
 import torch
 
+from agentrt.engine.kv import KVSequence
+from agentrt.engine.sampling import SamplingParams
+from agentrt.engine.scheduler import Work
+from agentrt.engine.sequence import Sequence
 from bench.common import machine, model_parser, report, where
 
 PROMPT = ("You are a careful assistant. Read the question, think about which tools you would need, "
@@ -29,7 +33,6 @@ def _prompts(engine, batch: int) -> list[list[int]]:
 def ours_decode(engine, prompts: list[list[int]], tokens: int) -> float:
     """ms per decode step with every row decoding: engine steps counted between the moment the last
     row got its first token (all prefills done) and the first row's finish."""
-    from agentrt.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
     started: list[int] = []
@@ -55,7 +58,6 @@ def ours_decode(engine, prompts: list[list[int]], tokens: int) -> float:
 
 
 def ours_prefill(engine, prompt: list[int], repeats: int) -> float:
-    from agentrt.sampling import SamplingParams
 
     times = []
     for r in range(repeats):
@@ -120,10 +122,7 @@ def hf_prefill(model, prompt: list[int], repeats: int) -> float:
 def graph_step_ms(engine, batch: int, context: int = 128, repeats: int = 50) -> dict[str, float]:
     """On CUDA: the decode step alone (no scheduling, sampling or streaming), timed with CUDA events:
     the captured graph's replay, the same fused step run eagerly, and the plain forward."""
-    from agentrt.engine import _Work
-    from agentrt.kv import KVSequence
-
-    pool, graphs = engine.pool, engine._graphs
+    pool, graphs = engine.pool, engine.runner.graphs
     seqs = [KVSequence() for _ in range(batch)]
     for s in seqs:
         pool.append(s, context)
@@ -140,16 +139,12 @@ def graph_step_ms(engine, batch: int, context: int = 128, repeats: int = 50) -> 
         torch.cuda.synchronize()
         return start.elapsed_time(end) / repeats
 
-    class _Req:  # what _build_batch reads from a request
-        def __init__(self, seq):
-            self.seq, self.pending = seq, [11]
-
-    work = [_Work(_Req(s), 1, True) for s in seqs]
-    out = {"plain forward": timed(lambda: engine.model(engine._build_batch(work), pool.k, pool.v))}
+    work = [Work(Sequence(0, [11], SamplingParams(), None, lambda _: None, set(), None, None, None, kv=s, pending=[11]), 1, True)
+            for s in seqs]
+    out = {"plain forward": timed(lambda: engine.model(engine.runner.build_batch(work), pool.k, pool.v))}
     if graphs is not None:
         graphs.run([(s, [11]) for s in seqs], list(range(batch)))  # inputs in place for the eager run
-        out["fused, eager"] = timed(lambda: engine.model.decode(graphs._views(graphs._dev, batch), pool.k, pool.v,
-                                                                pool.page_size))
+        out["fused, eager"] = timed(lambda: graphs.replay_eager(batch))
         out["fused, CUDA graph"] = timed(lambda: graphs.run([(s, [11]) for s in seqs], list(range(batch))))
     for s in seqs:
         pool.free(s)

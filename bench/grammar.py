@@ -81,7 +81,7 @@ def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: 
     from agentrt.sampling import SamplingParams
 
     engine = Engine.load(model_name, device=device, dtype=dtype)
-    default_overlap = engine.mask_overlap
+    default_overlap = engine.masks.overlap
     dev, dtype = engine.device, engine.model.embed.weight.dtype
     compiler = GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size)
     compiled = compiler.compile(JsonSchema(SCHEMA))
@@ -98,11 +98,11 @@ def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: 
             ("agentrt constrained, overlap", bound, lambda: Matcher(compiled, stop_token_ids=stop), True),
             ("agentrt constrained, no overlap", bound, lambda: Matcher(compiled, stop_token_ids=stop), False),
         ):
-            engine.mask_overlap = overlap
+            engine.masks.overlap = overlap
             ms = statistics.median(_engine_ms(engine, prompts, params, factory)[0] for _ in range(repeats))
             rows.append({"path": path, "batch": batch, "ms_per_token": round(ms, 2)})
-    engine.mask_overlap = default_overlap
-    mask = sorted(engine.mask_seconds)
+    engine.masks.overlap = default_overlap
+    mask = sorted(engine.masks.seconds)
     hf = AutoModelForCausalLM.from_pretrained(resolve_model(model_name), dtype=dtype).to(dev).eval()
     prompt = engine.chat_prompt([{"role": "user", "content": QUESTION}])
     hf_compiler = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo.from_huggingface(

@@ -100,6 +100,10 @@ class DecodeGraphs:
             graph.replay()
         return out[:num_logits]
 
+    def replay_eager(self, rows: int) -> torch.Tensor:
+        """The step `run` last launched, run again as the same fused step without its graph (to time it)."""
+        return self.model.decode(self._views(self._dev, rows), self.pool.k, self.pool.v, self.page_size)
+
     def run(self, feeds: list[tuple[KVSequence, list[int]]], want: list[int]) -> torch.Tensor:
         """Feed each (seq, tokens): tokens are the last len(tokens) tokens of seq, already appended.
 

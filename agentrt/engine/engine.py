@@ -16,23 +16,24 @@ import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 import torch
+from transformers import AutoTokenizer
 
 from agentrt.engine.constraint import TokenConstraint
 from agentrt.engine.control import SequenceController, SequenceHandle
+from agentrt.engine.delivery import LoopQueue, Outbox, drop
 from agentrt.engine.kv import KVPool, OutOfPagesError
 from agentrt.engine.output import OutputProcessor, Processed
-from agentrt.engine.runner import ModelRunner, graphable
+from agentrt.engine.runner import ModelRunner
 from agentrt.engine.sampling import MaskFiller, SamplingParams, sample_step
 from agentrt.engine.scheduler import Scheduler
 from agentrt.engine.sequence import Completion, Output, Sequence
-from agentrt.engine.tokens import Detokenizer, StopChecker, template_ids
+from agentrt.engine.tokens import prompt_ids, template_ids
 from agentrt.errors import ContextLengthError, EngineClosedError, EngineError, InvalidRequestError, KVCacheError
 from agentrt.exact import DETERMINISTIC_TILES, PREFILL_TILES, Tiles
-from agentrt.kernels import triton_ready
-from agentrt.model import Transformer
+from agentrt.model import Transformer, load_transformer, read_generation_eos, resolve_dtype
+from agentrt.models import resolve_model
 
 __all__ = ["Engine"]
 
@@ -66,27 +67,15 @@ class Engine:
         if deterministic is None:
             deterministic = os.environ.get("AGENTRT_DETERMINISTIC", "") not in ("", "0")
         self.deterministic = bool(deterministic)
-        self._tiles = DETERMINISTIC_TILES if self.deterministic else PREFILL_TILES
-        # decode steps replay CUDA graphs of the fused step (default: on CUDA when Triton is there)
-        if cuda_graphs is None:
-            cuda_graphs = triton_ready(self.device) and graphable(cfg) and not self.deterministic
-        if cuda_graphs and self.deterministic:
-            raise InvalidRequestError("deterministic mode runs the batch-invariant kernels, not CUDA graphs",
-                                      param="cuda_graphs")
-        # Grammar masks are filled on a CPU thread while the forward runs, where that thread has a core
-        # of its own: on an accelerator, or when torch's threads leave one free. When the forward's
-        # threads take every core, the mask thread pre-empts one and the whole forward waits on it
-        # (2-core CPU, batch 8: 68 ms/token overlapped vs 56 filled before the forward).
-        if mask_overlap is None:
-            mask_overlap = self.device.type != "cpu" or torch.get_num_threads() < (os.cpu_count() or 1)
+        self.tiles: Tiles = DETERMINISTIC_TILES if self.deterministic else PREFILL_TILES
         self.scheduler = Scheduler(self.pool, max_batch_size, max_batch_tokens, self.deterministic)
-        self.runner = ModelRunner(model, self.pool, self._tiles, max_batch_tokens=max_batch_tokens,
+        self.runner = ModelRunner(model, self.pool, self.tiles, max_batch_tokens=max_batch_tokens,
                                   max_batch_size=max_batch_size, max_context=self.max_context,
-                                  cuda_graphs=bool(cuda_graphs))
-        self.masks = MaskFiller(self.vocab_size, self.device, max_batch_size, mask_overlap)
+                                  cuda_graphs=cuda_graphs, deterministic=self.deterministic)
+        self.masks = MaskFiller(self.vocab_size, self.device, max_batch_size, overlap=mask_overlap)
         self.output = OutputProcessor(tokenizer, self.max_context, self._handle)
         self._ids = itertools.count(1)
-        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # async consumers' Outputs of this step
+        self._outbox = Outbox()  # async consumers' Outputs of this step
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -94,16 +83,6 @@ class Engine:
         self.steps = 0
         # a CUDA forward returns before it is computed: outputs are delivered while it runs
         self._async_forward = self.device.type == "cuda"
-
-    @property
-    def mask_overlap(self) -> bool:
-        """False: the masks are filled before the forward instead of during it."""
-        return self.masks.overlap
-
-    @property
-    def mask_seconds(self) -> list[float]:
-        """Per step, time spent filling masks per constrained row (a bounded list)."""
-        return self.masks.seconds
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -113,10 +92,6 @@ class Engine:
 
         dtype: a torch dtype or its name; None or "auto" picks bf16 where the hardware runs it natively
         (CUDA, CPUs with AVX512-BF16 / AMX), else fp32 (see `resolve_dtype`)."""
-        from agentrt.model import load_transformer, read_generation_eos, resolve_dtype
-        from agentrt.models import resolve_model
-        from transformers import AutoTokenizer
-
         path = resolve_model(model)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -133,12 +108,7 @@ class Engine:
         return template_ids(self.tokenizer, messages, **template_kwargs)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=False)
-        if not prompt or any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt):
-            raise InvalidRequestError("prompt token ids must be a non-empty list of ids within the vocabulary",
-                                      param="prompt")
-        return list(prompt)
+        return prompt_ids(self.tokenizer, prompt, self.vocab_size)
 
     # --- public API (any thread) -------------------------------------------------------------
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -155,12 +125,8 @@ class Engine:
             raise InvalidRequestError("prompt is empty", param="prompt")
         if len(ids) >= self.max_context:
             raise ContextLengthError(len(ids), self.max_context)
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        seq = Sequence(next(self._ids), ids, params, constraint, emit, stop_ids, Detokenizer(self.tokenizer),
-                       StopChecker(params.stop), gen, control=control)
+        seq = Sequence.new(next(self._ids), ids, params, constraint, emit, self.tokenizer, self.eos_token_ids,
+                           self.device, control)
         self._send(lambda: self.scheduler.add(seq))
         return seq.id
 
@@ -190,7 +156,7 @@ class Engine:
         """Async iterator of Outputs; leaving it early (break, cancellation) cancels the request."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Output] = asyncio.Queue()
-        rid = self.submit(prompt, params, constraint, emit=_LoopQueue(loop, events), control=control)
+        rid = self.submit(prompt, params, constraint, emit=LoopQueue(loop, events), control=control)
         finished = False
         try:
             while True:
@@ -239,11 +205,6 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    @property
-    def tiles(self) -> Tiles:
-        """The batch-invariant kernels' shapes this engine prefills with (every row, when deterministic)."""
-        return self._tiles
 
     @property
     def cuda_graphs(self) -> bool:
@@ -355,18 +316,12 @@ class Engine:
 
     # --- delivery (engine thread) ------------------------------------------------------------------
     def _flush(self) -> None:
-        """Deliver the step's Outputs for async consumers: one wake-up per event loop, not per token
-        (with many streams, per-token wake-ups steal the cores the forward runs on)."""
-        while self._outbox:
-            loop, items = self._outbox.popitem()
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # that event loop is closed: its consumers are gone
-                for seq, _, _ in items:
-                    if not seq.done:
-                        log.warning("request %d: its consumer is gone; cancelling it", seq.id)
-                        seq.emit = _drop
-                        self._finish(seq, "cancelled")
+        """Deliver the step's Outputs for async consumers (see agentrt.engine.delivery)."""
+        for seq in self._outbox.flush():
+            if not seq.done:
+                log.warning("request %d: its consumer is gone; cancelling it", seq.id)
+                seq.emit = drop
+                self._finish(seq, "cancelled")
 
     def _cancel(self, request_id: int) -> None:
         for seq in self.scheduler.sequences:
@@ -375,17 +330,14 @@ class Engine:
 
     def _emit(self, seq: Sequence, out: Output) -> None:
         """Hand an Output to the caller; a caller that is gone (closed event loop) loses its request."""
-        if seq.done and out.finish_reason is None:
-            return  # ended while its Outputs were being made (its consumer went away)
-        if isinstance(seq.emit, _LoopQueue):
-            self._outbox.setdefault(seq.emit.loop, []).append((seq, seq.emit.queue, out))
-            return
+        if (seq.done and out.finish_reason is None) or self._outbox.put(seq, out):
+            return  # ended while its Outputs were being made, or held for this step's flush
         try:
             seq.emit(out)
         except Exception:
             log.warning("request %d: its consumer is gone; cancelling it", seq.id)
             if not seq.done and out.finish_reason is None:
-                seq.emit = _drop
+                seq.emit = drop
                 self._finish(seq, "cancelled")
 
     def _finish(self, seq: Sequence, reason: str, error: BaseException | None = None) -> None:
@@ -394,23 +346,3 @@ class Engine:
         seq.done = True
         self.scheduler.remove(seq)
         self._emit(seq, self.output.final(seq, reason, error))
-
-
-def _drop(_: Output) -> None:
-    pass
-
-
-@dataclass(frozen=True)
-class _LoopQueue:
-    """`emit` of an async consumer: Outputs go to `queue` on `loop`, batched per engine step."""
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-
-    def __call__(self, out: Output) -> None:  # direct use outside the engine loop
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
-
-
-def _deliver(items: list) -> None:
-    for _, q, out in items:
-        q.put_nowait(out)

@@ -14,7 +14,9 @@ import torch
 from agentrt.engine.cuda_graphs import DecodeGraphs
 from agentrt.engine.kv import KVPool, KVSequence
 from agentrt.engine.scheduler import Work
+from agentrt.errors import InvalidRequestError
 from agentrt.exact import PREFILL_TILES, Tiles
+from agentrt.kernels import triton_ready
 from agentrt.model import AttentionGroup, BatchInput, ExactRows, Transformer, shared_prefix
 
 __all__ = ["ModelRunner", "chunk_group", "feed_sequence", "graphable"]
@@ -22,12 +24,18 @@ __all__ = ["ModelRunner", "chunk_group", "feed_sequence", "graphable"]
 
 class ModelRunner:
     def __init__(self, model: Transformer, pool: KVPool, tiles: Tiles, *, max_batch_tokens: int,
-                 max_batch_size: int, max_context: int, cuda_graphs: bool) -> None:
+                 max_batch_size: int, max_context: int, cuda_graphs: bool | None = None,
+                 deterministic: bool = False) -> None:
         self.model, self.pool, self.tiles = model, pool, tiles
         self.device = pool.k.device
         self.max_context = max_context
-        # decode steps replay CUDA graphs of the fused step: every step the scheduler builds (decodes,
-        # jump-forward and prefill chunks) replays a graph
+        # decode steps replay CUDA graphs of the fused step (default: on CUDA when Triton is there): every
+        # step the scheduler builds (decodes, jump-forward and prefill chunks) replays a graph
+        if cuda_graphs is None:
+            cuda_graphs = triton_ready(self.device) and graphable(model.cfg) and not deterministic
+        if cuda_graphs and deterministic:
+            raise InvalidRequestError("deterministic mode runs the batch-invariant kernels, not CUDA graphs",
+                                      param="cuda_graphs")
         self.graphs = DecodeGraphs(model, pool, max_batch_tokens, max_batch_size, max_context) if cuda_graphs \
             else None
         self._view_graphs: DecodeGraphs | None = None

@@ -87,6 +87,16 @@ class Sequence:
     removed: list[tuple[int, int]] = field(default_factory=list)  # pruned output spans [a, b), sorted
     prefill_until: int = 0  # fed tokens before this index came by prefill (batch-invariant kernels)
 
+    @classmethod
+    def new(cls, id: int, prompt_ids: list[int], params: SamplingParams, constraint: TokenConstraint | None,
+            emit: Callable[[Output], None], tokenizer, eos_ids: set[int], device: torch.device,
+            control: object | None = None) -> Sequence:
+        """A fresh request: its stop ids (EOS unless ignored), detokeniser, stop checker, seeded generator."""
+        gen = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
+        return cls(id, prompt_ids, params, constraint, emit, stop_ids, Detokenizer(tokenizer),
+                   StopChecker(params.stop), gen, control=control)
+
     @property
     def context_length(self) -> int:
         """Tokens the sequence attends over: the prompt and the output less its pruned spans."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["template_ids", "Detokenizer", "StopChecker"]
+from agentrt.errors import InvalidRequestError
+
+__all__ = ["template_ids", "prompt_ids", "Detokenizer", "StopChecker"]
 
 
 def template_ids(tokenizer, messages: list[dict], **template_kwargs) -> list[int]:
@@ -12,6 +14,16 @@ def template_ids(tokenizer, messages: list[dict], **template_kwargs) -> list[int
     if isinstance(out, dict) or hasattr(out, "input_ids"):  # some tokenizers return a BatchEncoding anyway
         out = out["input_ids"]
     return list(out)
+
+
+def prompt_ids(tokenizer, prompt: str | list[int], vocab_size: int) -> list[int]:
+    """A prompt as token ids: text encoded without special tokens, or ids checked against the vocabulary."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, add_special_tokens=False)
+    if not prompt or any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt):
+        raise InvalidRequestError("prompt token ids must be a non-empty list of ids within the vocabulary",
+                                  param="prompt")
+    return list(prompt)
 
 
 class Detokenizer:

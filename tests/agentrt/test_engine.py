@@ -299,10 +299,10 @@ def test_masks_overlap_the_forward_only_where_their_thread_gets_a_core(make_engi
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert make_engine().mask_overlap is False  # the forward's threads hold every core
-    assert make_engine(mask_overlap=True).mask_overlap is True
+    assert make_engine().masks.overlap is False  # the forward's threads hold every core
+    assert make_engine(mask_overlap=True).masks.overlap is True
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    assert make_engine().mask_overlap is True
+    assert make_engine().masks.overlap is True
 
 
 def test_constrained_output_cut_by_max_tokens_is_marked_incomplete(tiny_engine):
