@@ -287,12 +287,12 @@ class Engine:
         self.steps += 1
         self.scheduler.postprocess(work)
         for seq, token, logprob, top in zip(sampling, out.tokens, out.logprobs, out.top_logprobs):
-            self._process(seq, lambda: self.output.sampled(seq, token, logprob, top))
+            self._process(self.output.sampled, seq, token, logprob, top)
 
-    def _process(self, seq: Sequence, take: Callable[[], Processed]) -> None:
-        """Run one output-processing call for `seq`, deliver its Outputs, end it if it ended."""
+    def _process(self, take: Callable[..., Processed], seq: Sequence, *args) -> None:
+        """Run one output-processing call `take(seq, *args)`, deliver its Outputs, end `seq` if it ended."""
         try:
-            done = take()
+            done = take(seq, *args)
         except Exception as exc:  # a faulty constraint or controller fails its own request only
             log.exception("request %d failed", seq.id)
             self._finish(seq, "cancelled", error=exc if isinstance(exc, EngineError) else
@@ -312,7 +312,7 @@ class Engine:
         if seq.done:
             return
         seq.paused = False
-        self._process(seq, lambda: self.output.injected(seq, inject))
+        self._process(self.output.injected, seq, inject)
 
     # --- delivery (engine thread) ------------------------------------------------------------------
     def _flush(self) -> None:

@@ -18,7 +18,7 @@ import torch
 from agentrt.engine.constraint import TokenConstraint, allocate_bitmask
 from agentrt.errors import SamplingParamError
 
-__all__ = ["SamplingParams", "MaskFiller", "Sampled", "sample_step", "sample", "token_logprobs", "apply_penalties"]
+__all__ = ["SamplingParams", "MaskFiller", "Sampled", "sample_step", "apply_penalties"]
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
@@ -101,52 +101,6 @@ def apply_penalties(logits: torch.Tensor, rows: list[tuple[int, SamplingParams, 
             row.index_copy_(0, seen, torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty))
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-           ) -> list[int]:
-    """logits: [M, V] fp32 (masked already) -> one token id per row."""
-    out = logits.argmax(dim=-1).tolist()
-    for i, p in enumerate(params):
-        if p.greedy:
-            continue
-        row = logits[i] / p.temperature
-        if p.top_k:
-            kth = torch.topk(row, min(p.top_k, row.shape[-1])).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1.0:
-            sorted_p, idx = probs.sort(descending=True)
-            cut = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keep the smallest set reaching top_p
-            sorted_p = sorted_p.masked_fill(cut, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
-        out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
-    return out
-
-
-def token_logprobs(logits: torch.Tensor, tokens: list[int], params: list[SamplingParams]
-                   ) -> tuple[list[float | None], list[dict[int, float] | None]]:
-    """log softmax(logits)[token] for the rows whose params ask for logprobs (None elsewhere), and the
-    `top_logprobs` most likely tokens of each such row as {token id: log-probability} (None elsewhere).
-
-    `logits` are those sampled from: after the grammar's mask and the penalties, at temperature 1."""
-    rows = [i for i, p in enumerate(params) if p.logprobs]
-    out: list[float | None] = [None] * len(tokens)
-    top: list[dict[int, float] | None] = [None] * len(tokens)
-    if rows:
-        index = torch.tensor(rows, device=logits.device)
-        chosen = torch.tensor([tokens[i] for i in rows], device=logits.device)
-        logp = torch.log_softmax(logits.index_select(0, index), dim=-1)
-        values = logp.gather(1, chosen[:, None]).view(-1).tolist()
-        k = max(params[i].top_logprobs for i in rows)
-        best = logp.topk(k, dim=-1) if k else None
-        best_v, best_i = (best.values.tolist(), best.indices.tolist()) if best is not None else ([], [])
-        for j, (i, v) in enumerate(zip(rows, values)):
-            out[i] = v
-            if params[i].top_logprobs:
-                n = params[i].top_logprobs
-                top[i] = {t: lp for t, lp in zip(best_i[j][:n], best_v[j][:n]) if lp != float("-inf")}
-    return out, top
-
-
 @dataclass
 class Sampled:
     """One step's sampling, row by row: the token, and its log-probabilities where they were asked for."""
@@ -156,17 +110,60 @@ class Sampled:
     top_logprobs: list[dict[int, float] | None]
 
 
+@torch.inference_mode()
 def sample_step(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
                 histories: list[tuple[list[int], list[int]]] | None = None) -> Sampled:
-    """Sample every row of `logits` ([M, V], masked already): penalties (with each row's (prompt, output)
-    `histories`), then the token, then its log-probabilities from the same distribution."""
+    """Sample every row of `logits` ([M, V] fp32, masked already): penalties (with each row's (prompt,
+    output) `histories`), then the token, then its log-probabilities from the same distribution (after
+    the mask and the penalties, at temperature 1). The tokens and log-probabilities stay on the device
+    until one copy to the host at the end: one host sync per step."""
+    m = len(params)
+    if m == 0:
+        return Sampled([], [], [])
     if histories is not None:
         penalized = [(i, p, *h) for i, (p, h) in enumerate(zip(params, histories)) if p.penalized]
         if penalized:
             apply_penalties(logits, penalized)
-    tokens = sample(logits, params, generators) if params else []
-    logprobs, top = token_logprobs(logits, tokens, params)
-    return Sampled(tokens, logprobs, top)
+    tokens = logits.argmax(dim=-1)
+    for i, p in enumerate(params):
+        if not p.greedy:
+            tokens[i] = _draw(logits[i], p, generators[i])
+    rows = [i for i, p in enumerate(params) if p.logprobs]
+    k = max((params[i].top_logprobs for i in rows), default=0)
+    parts = [tokens.to(torch.float64)]
+    if rows:
+        index = torch.tensor(rows, device=logits.device)
+        logp = torch.log_softmax(logits.index_select(0, index), dim=-1)
+        parts.append(logp.gather(1, tokens.index_select(0, index)[:, None]).view(-1).to(torch.float64))
+        if k:
+            best = logp.topk(k, dim=-1)
+            parts += [best.values.reshape(-1).to(torch.float64), best.indices.reshape(-1).to(torch.float64)]
+    host = torch.cat(parts).tolist()  # the one sync
+    out = Sampled([int(t) for t in host[:m]], [None] * m, [None] * m)
+    r = len(rows)
+    values, top_v, top_i = host[m:m + r], host[m + r:m + r * (1 + k)], host[m + r * (1 + k):]
+    for j, i in enumerate(rows):
+        out.logprobs[i] = values[j]
+        n = params[i].top_logprobs
+        if n:
+            pairs = zip(top_i[j * k:j * k + n], top_v[j * k:j * k + n])
+            out.top_logprobs[i] = {int(t): lp for t, lp in pairs if lp != float("-inf")}
+    return out
+
+
+def _draw(row: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """One token from `row` under temperature, top-k and top-p, as a device tensor."""
+    row = row / p.temperature
+    if p.top_k:
+        kth = torch.topk(row, min(p.top_k, row.shape[-1])).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = torch.softmax(row, dim=-1)
+    if p.top_p < 1.0:
+        sorted_p, idx = probs.sort(descending=True)
+        cut = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keep the smallest set reaching top_p
+        sorted_p = sorted_p.masked_fill(cut, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator)[0]
 
 
 class MaskFiller:
