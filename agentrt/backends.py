@@ -9,16 +9,42 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 from agentrt.chat import ChatEvent, ChatOptions, ChatResult, ToolCall, prepare_chat, stream_chat
 from agentrt.errors import EngineError, InvalidRequestError
 from agentrt.sampling import SamplingParams
 
-__all__ = ["Backend", "LocalBackend", "RemoteBackend", "open_backend"]
+__all__ = ["Backend", "LocalBackend", "RemoteBackend", "open_backend", "collect_notes", "note"]
 
 log = logging.getLogger(__name__)
+
+# What a backend could not do as asked, said where the run can see it (RunResult.notes): each run
+# collects into its own list (a context variable, so concurrent runs keep theirs apart).
+_NOTES: ContextVar[list[str] | None] = ContextVar("agentrt_backend_notes", default=None)
+
+
+@contextmanager
+def collect_notes() -> Iterator[list[str]]:
+    """Collect the notes backends make while the block runs (the Agent puts them in RunResult.notes)."""
+    notes: list[str] = []
+    token = _NOTES.set(notes)
+    try:
+        yield notes
+    finally:
+        _NOTES.reset(token)
+
+
+def note(message: str) -> None:
+    """Say what was not enforced as asked: logged, and kept for the run's notes (once per run)."""
+    notes = _NOTES.get()
+    if notes is None or message not in notes:
+        log.warning("%s", message)
+    if notes is not None and message not in notes:
+        notes.append(message)
 
 
 class Backend(Protocol):
@@ -77,12 +103,37 @@ class RemoteBackend:
     kv_features = False
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout: float = 600.0) -> None:
-        import httpx
-
         self.name = model
         self.base_url = base_url.rstrip("/")
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout)
+        self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = timeout
+        self._http: Any = None  # an httpx.AsyncClient, made in (and only used from) one event loop
+        self._http_loop: Any = None
+
+    @property
+    def http(self):
+        """The httpx client of the running event loop. Its connections belong to the loop that opened
+        them, so a client made in another loop (one `run_sync` started and closed) is not reused."""
+        import anyio.lowlevel
+        import httpx
+
+        loop = anyio.lowlevel.current_token()
+        if self._http is not None and self._http_loop != loop:
+            log.debug("event loop changed: a new httpx client for %s", self.base_url)
+            self._http = None
+        if self._http is None:
+            self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self._timeout)
+            self._http_loop = loop
+        return self._http
+
+    async def release(self) -> None:
+        """Close the connections of the running loop's client (before that loop ends); the next request
+        opens new ones. The backend stays usable."""
+        import anyio.lowlevel
+
+        client, loop, self._http, self._http_loop = self._http, self._http_loop, None, None
+        if client is not None and loop == anyio.lowlevel.current_token():
+            await client.aclose()  # a client of a loop that has ended has nothing left to close there
 
     def _body(self, messages: list[dict], params: SamplingParams, **extra: Any) -> dict:
         body = {"model": self.name, "messages": messages, "stream": True, "max_tokens": params.max_tokens,
@@ -148,7 +199,7 @@ class RemoteBackend:
                     yield text
 
     async def aclose(self) -> None:
-        await self.http.aclose()
+        await self.release()
 
 
 def open_backend(model: Any = None, *, device: str | None = None, dtype: str | None = None) -> Backend:
