@@ -179,13 +179,16 @@ class Agent(Generic[T]):
             raise
 
     async def aclose(self) -> None:
-        """Close the backend (a local engine this Agent loaded, a remote server's connections); once."""
+        """Close the backend (a local engine this Agent loaded, a remote server's connections); once.
+        MCP servers its tools started are stopped too (a later run starts them again)."""
+        await self.registry.aclose()
         if self._backend is not None and not self._closed:
             self._closed = True
             await self._backend.aclose()
 
     def close(self) -> None:
         """`aclose` from synchronous code (also after `run_sync`); inside an event loop await `aclose`."""
+        self.registry.close()
         if self._backend is None or self._closed:
             return
         anyio.run(self.aclose)
@@ -204,6 +207,7 @@ class Agent(Generic[T]):
 
     # --- modes ----------------------------------------------------------------------------------
     async def _run(self, prompt: str, emit: Callable, history: list[dict]) -> None:
+        await self.registry.start()  # MCP servers start on first use, off the event loop
         with collect_notes() as notes:  # what the backend could not enforce itself, said by it
             if self.mode == "thread":
                 return await self._thread(prompt, emit, notes)

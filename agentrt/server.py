@@ -939,9 +939,11 @@ def resolve_api_key(api_key: str | None = None, api_key_file: str | Path | None 
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          device: str | None = None, dtype: str | None = None, api_key_file: str | None = None) -> None:
+          device: str | None = None, dtype: str | None = None, api_key_file: str | None = None,
+          mcp: list | None = None) -> None:
     """Load `model` and serve it until interrupted (what `agentrt serve` runs). The agent-runs
-    extension gets the calculator; register your own tools with `create_app(..., tools=[...])`.
+    extension gets the calculator and the tools of the `mcp` servers (`MCPServerStdio`s, started
+    here, stopped on exit); register your own tools with `create_app(..., tools=[...])`.
     The API key comes from `api_key`, `api_key_file` or $AGENTRT_API_KEY (none: no key required)."""
     import uvicorn
 
@@ -949,9 +951,14 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     from agentrt.tools import calculator
 
     key = resolve_api_key(api_key, api_key_file)
-    engine = Engine.load(model, device=device, dtype=dtype)
+    servers = list(mcp or [])
     try:
-        uvicorn.run(create_app(engine, api_key=key, tools=[calculator]), host=host, port=port,
-                    log_level="info")
+        tools = [calculator, *(t for server in servers for t in server.tools())]  # a bad server fails here
+        engine = Engine.load(model, device=device, dtype=dtype)
+        try:
+            uvicorn.run(create_app(engine, api_key=key, tools=tools), host=host, port=port, log_level="info")
+        finally:
+            engine.close()
     finally:
-        engine.close()
+        for server in servers:
+            server.close()
