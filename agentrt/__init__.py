@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Agent", "RunResult", "tool", "Engine", "SamplingParams", "errors"]
+__all__ = ["Agent", "RunResult", "tool", "MCPServerStdio", "Engine", "SamplingParams", "errors"]
 
 from agentrt import errors
 from agentrt.sampling import SamplingParams
@@ -23,6 +23,10 @@ def __getattr__(name: str) -> Any:  # heavy imports (torch, xgrammar) only when 
         from agentrt.tools import tool
 
         return tool
+    if name == "MCPServerStdio":
+        from agentrt.tools import MCPServerStdio
+
+        return MCPServerStdio
     if name == "Engine":
         from agentrt.engine import Engine
 

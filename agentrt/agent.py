@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 
-from agentrt.backends import Backend, open_backend
+from agentrt.backends import Backend, collect_notes, open_backend
 from agentrt.chat import ChatOptions, ChatResult
-from agentrt.errors import InvalidRequestError, RunTimeoutError
+from agentrt.errors import BackendCapabilityError, InvalidRequestError, RunTimeoutError
 from agentrt.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -81,12 +81,18 @@ class Agent(Generic[T]):
 
     `approve(tool, args, call) -> bool` (sync or async) is asked before a tool with
     `side_effects=True` runs (`call`: the chat ToolCall, or the plan's Task in plan, dta, react and
-    thread modes); without it such tools are refused, and the refusal is the result the model sees."""
+    thread modes); without it such tools are refused, and the refusal is the result the model sees.
+
+    `tool_choice`: "auto", "required" (the first turn must call a tool), or one tool, named as a string or
+    as OpenAI's `{"type": "function", "function": {"name": ...}}` (the first turn calls that tool). A first
+    turn that comes back without the call it was asked for is an error, never a plain answer.
+
+    An Agent is a context manager (`with` or `async with`): it closes its backend on exit."""
 
     def __init__(self, model: Any = None, tools: Iterable[Any] = (), *, mode: str = "chat",
                  output_type: type[T] = str, instructions: str | None = None, max_steps: int = 8,
                  timeout: float | None = None, temperature: float = 0.0, max_tokens: int = 512,
-                 tool_top_k: int | None = None, tool_choice: str = "auto", grammar_options: dict | None = None,
+                 tool_top_k: int | None = None, tool_choice: str | dict = "auto", grammar_options: dict | None = None,
                  workers: int = 4, thread_options: Any = None, approve: Approver | None = None,
                  device: str | None = None, dtype: str | None = None) -> None:
         from agentrt.tools import ToolRegistry
@@ -111,15 +117,13 @@ class Agent(Generic[T]):
         self.max_steps = max_steps
         self.timeout = timeout
         self.tool_top_k = tool_top_k
-        if tool_choice not in ("auto", "required"):
-            raise InvalidRequestError("tool_choice is 'auto' or 'required' (the first turn must call a tool)",
-                                      param="tool_choice")
-        self.tool_choice = tool_choice
+        self.tool_choice = _tool_choice(tool_choice, self.registry)
         self.grammar_options = dict(grammar_options or {})  # JsonSchema caps: max_string_length, ...
         self.approve = approve
         self.params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
         self._model, self._device, self._dtype = model, device, dtype
         self._backend: Backend | None = None
+        self._closed = False
 
     @property
     def backend(self) -> Backend:
@@ -137,7 +141,15 @@ class Agent(Generic[T]):
         return result
 
     def run_sync(self, prompt: str) -> RunResult[T]:
-        return anyio.run(self.run, prompt)
+        async def run_then_release() -> RunResult[T]:
+            try:
+                return await self.run(prompt)
+            finally:  # this event loop ends here: nothing of the backend may stay tied to it
+                release = getattr(self._backend, "release", None)
+                if release is not None:
+                    await release()
+
+        return anyio.run(run_then_release)
 
     async def stream(self, prompt: str, *, history: list[dict] | None = None) -> AsyncIterator[AgentEvent]:
         """Typed events as the run goes: text deltas, tool starts and ends, then Final.
@@ -167,24 +179,46 @@ class Agent(Generic[T]):
             raise
 
     async def aclose(self) -> None:
-        if self._backend is not None:
+        """Close the backend (a local engine this Agent loaded, a remote server's connections); once.
+        MCP servers its tools started are stopped too (a later run starts them again)."""
+        await self.registry.aclose()
+        if self._backend is not None and not self._closed:
+            self._closed = True
             await self._backend.aclose()
 
     def close(self) -> None:
+        """`aclose` from synchronous code (also after `run_sync`); inside an event loop await `aclose`."""
+        self.registry.close()
+        if self._backend is None or self._closed:
+            return
         anyio.run(self.aclose)
+
+    def __enter__(self) -> Agent[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Agent[T]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     # --- modes ----------------------------------------------------------------------------------
     async def _run(self, prompt: str, emit: Callable, history: list[dict]) -> None:
-        if self.mode == "thread":
-            return await self._thread(prompt, emit)
-        if self.mode == "chat":
-            text, calls, messages, steps = await self._chat(prompt, emit, history)
-        elif self.mode == "hogwild":
-            text, calls, messages, steps = await self._hogwild(prompt, emit)
-        else:
-            text, calls, messages, steps = await self._planned(prompt, emit)
-        output = await self._structure(prompt, text) if self.output_type is not str else text
-        await emit(Final(RunResult(output, text, self.mode, calls, messages, steps)))
+        await self.registry.start()  # MCP servers start on first use, off the event loop
+        with collect_notes() as notes:  # what the backend could not enforce itself, said by it
+            if self.mode == "thread":
+                return await self._thread(prompt, emit, notes)
+            if self.mode == "chat":
+                text, calls, messages, steps = await self._chat(prompt, emit, history)
+            elif self.mode == "hogwild":
+                text, calls, messages, steps = await self._hogwild(prompt, emit)
+            else:
+                text, calls, messages, steps = await self._planned(prompt, emit)
+            output = await self._structure(prompt, text) if self.output_type is not str else text
+            await emit(Final(RunResult(output, text, self.mode, calls, messages, steps, notes=list(notes))))
 
     async def _chat(self, prompt: str, emit: Callable, history: list[dict]
                     ) -> tuple[str, list[ToolEnd], list[dict], int]:
@@ -210,6 +244,8 @@ class Agent(Generic[T]):
             if not calls and result.refused and not result.content.strip() and not final_turn:
                 answer_now = True  # it repeated a call whose result it has: the next turn answers
                 continue
+            if choice != "auto" and not final_turn:
+                _check_forced_call(choice, calls, result, self.backend.name, self.params.max_tokens)
             if not calls:
                 messages.append({"role": "assistant", "content": result.content})
                 return result.content, done, messages, step
@@ -229,7 +265,12 @@ class Agent(Generic[T]):
         return reg
 
     def _offered(self, prompt: str) -> list[dict]:
-        return [{"type": "function", "function": spec} for spec in self._selected(prompt).specs()]
+        specs = self._selected(prompt).specs()
+        if isinstance(self.tool_choice, dict):  # the named tool is offered whatever tool_top_k kept
+            name = self.tool_choice["function"]["name"]
+            if all(s["name"] != name for s in specs):
+                specs.append(self.registry[name].spec())
+        return [{"type": "function", "function": spec} for spec in specs]
 
     async def _call_tools(self, calls, emit: Callable) -> list[ToolEnd]:
         ends: list[ToolEnd | None] = [None] * len(calls)
@@ -301,7 +342,7 @@ class Agent(Generic[T]):
         await emit(TextDelta(answer))
         return answer, [], [{"role": "assistant", "content": t} for t in result.texts], result.steps
 
-    async def _thread(self, prompt: str, emit: Callable) -> None:
+    async def _thread(self, prompt: str, emit: Callable, notes: list[str]) -> None:
         """TIM-style thread: one tree, tools inside the generation, KV pruning (local engine; a remote
         backend runs tools between requests without pruning and says so in `notes`)."""
         from dataclasses import replace
@@ -311,6 +352,9 @@ class Agent(Generic[T]):
         from agentrt.threads import run_thread
 
         options = self.thread_options
+        if isinstance(self.tool_choice, dict):
+            raise InvalidRequestError("thread mode takes tool_choice 'auto' or 'required', not a named tool",
+                                      param="tool_choice")
         if self.tool_choice == "required":
             options = replace(options, require_tool=True)
         started = 0
@@ -342,11 +386,13 @@ class Agent(Generic[T]):
         calls = [_tool_end(i, c) for i, c in enumerate(result.tool_calls, 1)]
         messages = [{"role": "assistant", "content": result.text}]
         await emit(Final(RunResult(output, text, self.mode, calls, messages, len(calls) + 1, result.tree,
-                                   result.notes)))
+                                   [*result.notes, *(n for n in notes if n not in result.notes)])))
 
     async def _structure(self, prompt: str, answer: str) -> T:
-        """Decode the final value under output_type's JSON schema."""
-        from pydantic import TypeAdapter
+        """Decode the final value under output_type's JSON schema; a value that does not validate (a
+        backend that could not enforce the schema, or a check the grammar leaves out) is asked for once
+        more with the validation error fed back, then refused with BackendCapabilityError."""
+        from pydantic import TypeAdapter, ValidationError
 
         adapter = TypeAdapter(self.output_type)
         schema = adapter.json_schema()
@@ -357,15 +403,68 @@ class Agent(Generic[T]):
         options = ChatOptions(response_format={"type": "json_schema",
                                                "json_schema": {"name": "output", "schema": schema}},
                               schema_options=self.grammar_options)
-        result = None
-        async for ev in self.backend.chat(messages, options, self.params):
-            if isinstance(ev, ChatResult):
-                result = ev
-        assert result is not None
-        if result.finish_reason == "length":
-            raise InvalidRequestError(f"the structured answer was cut at max_tokens={self.params.max_tokens}: "
-                                      "raise max_tokens", param="max_tokens")
-        return adapter.validate_json(result.content)
+        for attempt in (1, 2):
+            result = None
+            async for ev in self.backend.chat(messages, options, self.params):
+                if isinstance(ev, ChatResult):
+                    result = ev
+            assert result is not None
+            if result.finish_reason == "length":
+                raise InvalidRequestError(f"the structured answer was cut at max_tokens={self.params.max_tokens}: "
+                                          "raise max_tokens", param="max_tokens")
+            try:
+                return adapter.validate_json(result.content)
+            except ValidationError as exc:
+                error = _short_validation_error(exc)
+            if attempt == 2:
+                raise BackendCapabilityError(
+                    f"{self.backend.name}: the structured answer did not validate against output_type's "
+                    f"schema, also after a retry with the error fed back: {error}; output: "
+                    f"{result.content[:200]!r}", feature="response_format")
+            log.warning("structured answer did not validate (%s): asking once more", error)
+            messages = [*messages, {"role": "assistant", "content": result.content},
+                        {"role": "user", "content": f"That JSON is not valid: {error}. Answer again with JSON "
+                                                    f"that matches this schema: {json.dumps(schema)}"}]
+        raise AssertionError("unreachable")
+
+
+def _tool_choice(choice: Any, registry) -> str | dict:
+    """"auto", "required", or one registered tool as OpenAI's {"type": "function", "function": {"name"}}."""
+    if choice in ("auto", "required"):
+        return choice
+    if isinstance(choice, str):
+        name = choice
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+    else:
+        raise InvalidRequestError('tool_choice is "auto", "required", a tool\'s name or {"type": "function", '
+                                  f'"function": {{"name": ...}}}}, got {choice!r}', param="tool_choice")
+    if not isinstance(name, str) or name not in registry:
+        tools = ", ".join(registry.names) or "none registered"
+        raise InvalidRequestError(f"tool_choice names {name!r}, which is not one of the agent's tools "
+                                  f"({tools}); use 'auto', 'required' or one of them", param="tool_choice")
+    return {"type": "function", "function": {"name": name}}
+
+
+def _check_forced_call(choice: str | dict, calls: list, result: ChatResult, backend: str, max_tokens: int) -> None:
+    """A turn asked for a call (required or named) that came back without it is an error, never an answer."""
+    want = choice["function"]["name"] if isinstance(choice, dict) else None
+    if calls and (want is None or any(c.name == want for c in calls)):
+        return
+    if result.finish_reason == "length":
+        raise InvalidRequestError(f"the tool call was cut at max_tokens={max_tokens}: raise max_tokens",
+                                  param="max_tokens")
+    what = f"a call of {want!r}" if want else "a tool call"
+    got = f"calls of {[c.name for c in calls]}" if calls else f"text {result.content[:120]!r}"
+    raise BackendCapabilityError(f"{backend}: tool_choice asked for {what} and the model's turn gave {got}",
+                                 feature="tool_choice")
+
+
+def _short_validation_error(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        return "; ".join(f"{'.'.join(map(str, e.get('loc', ()))) or '<root>'}: {e.get('msg')}" for e in errors()[:5])
+    return str(exc)[:300]
 
 
 def _tool_end(index: int, call) -> ToolEnd:

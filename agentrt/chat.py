@@ -281,8 +281,8 @@ def chat_constraint(options: ChatOptions, **schema_options: Any):
     if kind == "text":
         return None
     caps = {**grammar.TOOL_ARGUMENT_CAPS, **schema_options}  # the same defaults as tool arguments
-    if kind == "json_object":
-        return grammar.Json(**caps)
+    if kind == "json_object":  # OpenAI: a JSON object, not any JSON value
+        return grammar.JsonSchema({"type": "object"}, **caps)
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):

@@ -16,6 +16,8 @@ from agentrt.models import DEFAULT_MODEL, DTYPE_CHOICES, DTYPE_HELP
 
 __all__ = ["main"]
 
+MCP_HELP = "an MCP server to start over stdio, as a shell would split it (repeatable)"
+
 
 def _console():
     from rich.console import Console
@@ -137,21 +139,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mcp_servers(args: argparse.Namespace) -> list:
+    """The MCP servers `--mcp "CMD ARGS"` names (started when their tools are first listed)."""
+    from agentrt.tools import MCPServerStdio
+
+    return [MCPServerStdio.from_command_line(line) for line in args.mcp or []]
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     import anyio
 
     from agentrt.tui import run_chat
 
-    anyio.run(lambda: run_chat(model=args.model, mode=args.mode, workspace=args.workspace, device=args.device,
-                               dtype=args.dtype, max_tokens=args.max_tokens))
+    servers = _mcp_servers(args)
+    try:
+        with _console().status("starting MCP servers") if servers else _nothing():
+            extra = [t for server in servers for t in server.tools()]
+        anyio.run(lambda: run_chat(model=args.model, mode=args.mode, workspace=args.workspace, device=args.device,
+                                   dtype=args.dtype, max_tokens=args.max_tokens, extra_tools=extra))
+    finally:
+        for server in servers:
+            server.close()
     return 0
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from agentrt.server import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device, dtype=args.dtype,
-          api_key_file=args.api_key_file)
+          api_key_file=args.api_key_file, mcp=_mcp_servers(args))
     return 0
 
 
@@ -213,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mode", choices=("chat", "plan", "dta", "react", "thread", "hogwild"), default="chat")
     c.add_argument("--workspace", default=".", help="the folder the file tools may read and write (default: here)")
     c.add_argument("--max-tokens", type=int, default=512)
+    c.add_argument("--mcp", action="append", metavar='"CMD ARGS"', help=MCP_HELP)
     c.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("serve", help="serve an OpenAI-compatible API (chat completions, tools, JSON schema)")
@@ -222,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes (visible "
                    "in `ps`: prefer --api-key-file or $AGENTRT_API_KEY)")
     s.add_argument("--api-key-file", default=None, help="read the API key from this file's first line")
+    s.add_argument("--mcp", action="append", metavar='"CMD ARGS"',
+                   help=MCP_HELP + "; its tools join the calculator on /v1/agent/runs")
     s.set_defaults(fn=cmd_serve)
 
     b = sub.add_parser("bench", help="run a benchmark from bench/ (engine, grammar, planner, hogwild, threads, "

@@ -9,7 +9,10 @@
     │   ├── ContextLengthError    prompt (plus room to generate) longer than the context window
     │   └── GrammarError          a constraint (schema, regex, grammar, tools) that cannot be compiled
     ├── EngineError               the engine failed while running a request (a fault, not bad input)
-    │   └── EngineClosedError     the engine was shut down
+    │   ├── EngineClosedError     the engine was shut down
+    │   └── BackendCapabilityError  a backend (a remote server) cannot enforce what was asked (a required
+    │                             tool call, a schema, a grammar) and agentrt could not make up for it;
+    │                             `.feature` names it
     ├── OverloadedError           the server is at a limit of concurrent work (e.g. grammar compiles); retry
     ├── RunTimeoutError           an agent run took longer than its `timeout`
     ├── KVCacheError              misuse of the paged KV cache (double free, pruning outside a sequence)
@@ -33,6 +36,7 @@ __all__ = [
     "GrammarError",
     "EngineError",
     "EngineClosedError",
+    "BackendCapabilityError",
     "OverloadedError",
     "KVCacheError",
     "RunTimeoutError",
@@ -96,13 +100,22 @@ class EngineClosedError(EngineError):
     pass
 
 
+class BackendCapabilityError(EngineError):
+    """The backend could not enforce a constraint (`feature`: "tool_choice", "response_format",
+    "grammar", "stream") and neither could agentrt on its side (a named call, a retry with the error fed
+    back): the run stops here rather than return an unconstrained answer as if it were constrained."""
+
+    def __init__(self, message: str, feature: str | None = None) -> None:
+        self.feature = feature
+        super().__init__(message)
+
+
 class OverloadedError(AgentrtError):
     """Too much of some bounded work is running already (grammar compiles): retry later."""
 
 
 class KVCacheError(AgentrtError):
     pass
-
 
 
 class ToolError(AgentrtError):

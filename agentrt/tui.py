@@ -494,14 +494,15 @@ def _with_history(history: list[dict], prompt: str, max_chars: int = 2000) -> st
 
 
 async def run_chat(*, model: str, mode: str = "chat", workspace: str | Path = ".", device: str | None = None,
-                   dtype: str | None = None, max_tokens: int = 512) -> None:
-    """`agentrt chat` in a real terminal; input history is kept in $AGENTRT_HOME/chat_history."""
+                   dtype: str | None = None, max_tokens: int = 512, extra_tools: list[Tool] = ()) -> None:
+    """`agentrt chat` in a real terminal; input history is kept in $AGENTRT_HOME/chat_history.
+    `extra_tools` join the built-in ones (`agentrt chat --mcp`: an MCP server's tools)."""
     from agentrt.models import agentrt_home
 
     home = agentrt_home()
     home.mkdir(parents=True, exist_ok=True)
     app = ChatApp(local_agents(device=device, dtype=dtype, max_tokens=max_tokens), Console(),
                   PromptInput(history_file=home / "chat_history"), model=model, mode=mode,
-                  tools=chat_tools(workspace))
+                  tools=[*chat_tools(workspace), *extra_tools])
     app.console.print(f"[dim]workspace: {Path(workspace).resolve()}[/]")
     await app.run()

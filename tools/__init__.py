@@ -1,13 +1,14 @@
 """agentrt.tools: `@tool`, the registry, Tool RAG (BM25) and built-in tools.
 
 Tools follow LLMCompiler / TinyAgent: typed functions whose failures are observations for the model.
-The MCP adapter is not implemented yet.
+MCP servers' tools come in through `MCPServerStdio` (a stdio server's tools as agentrt tools).
 """
 
 from __future__ import annotations
 
 from agentrt.tools._calculator import calculator
 from agentrt.tools._http import http_get, make_http_get
+from agentrt.tools._mcp import MCPServerStdio, MCPTool
 from agentrt.tools._rag import Embedder, ScoredTool, ToolIndex, sentence_embedder
 from agentrt.tools._registry import ToolRegistry
 from agentrt.tools._tool import Tool, ToolContext, ToolResult, format_validation_error, to_result, tool
@@ -27,6 +28,8 @@ __all__ = [
     "http_get",
     "make_http_get",
     "workspace_tools",
+    "MCPServerStdio",
+    "MCPTool",
     "format_validation_error",
     "to_result",
 ]

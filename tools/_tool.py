@@ -214,11 +214,9 @@ class Tool:
 
         Cancellation of the caller propagates (and sets `context.cancelled` for sync tools).
         """
-        try:
-            model = self.validate(args)
-        except pydantic.ValidationError as e:
-            return ToolResult("invalid_args", error=format_validation_error(self.name, e))
-        kwargs = {name: getattr(model, name) for name in type(model).model_fields}
+        kwargs = self._arguments(args)
+        if isinstance(kwargs, ToolResult):
+            return kwargs
         timeout = self.timeout if timeout is None else timeout
         retries = self.retries if retries is None else retries
         ctx = context or ToolContext(tool_name=self.name)
@@ -235,21 +233,31 @@ class Tool:
             await anyio.sleep(delay)
         return result
 
+    def _arguments(self, args: Mapping[str, Any]) -> dict[str, Any] | ToolResult:
+        """The keyword arguments of a call, or the invalid_args result the model sees."""
+        try:
+            model = self.validate(args)
+        except pydantic.ValidationError as e:
+            return ToolResult("invalid_args", error=format_validation_error(self.name, e))
+        return {name: getattr(model, name) for name in type(model).model_fields}
+
+    async def _call(self, ctx: ToolContext, kwargs: dict[str, Any],
+                    thread_limiter: anyio.CapacityLimiter | None) -> Any:
+        """Run the function once (a sync one in a worker thread); its value, or a ToolResult as is."""
+        call_args = (ctx,) if self.takes_context else ()
+        if self.is_async:
+            return await self.fn(*call_args, **kwargs)
+        return await anyio.to_thread.run_sync(functools.partial(self.fn, *call_args, **kwargs),
+                                              abandon_on_cancel=True, limiter=thread_limiter)
+
     async def _attempt(
         self, kwargs: dict[str, Any], ctx: ToolContext, timeout: float | None,
         thread_limiter: anyio.CapacityLimiter | None,
     ) -> ToolResult:
         ctx.cancelled.clear()
-        call_args = (ctx,) if self.takes_context else ()
         try:
             with anyio.move_on_after(timeout) as scope:
-                if self.is_async:
-                    raw = await self.fn(*call_args, **kwargs)
-                else:
-                    raw = await anyio.to_thread.run_sync(
-                        functools.partial(self.fn, *call_args, **kwargs),
-                        abandon_on_cancel=True, limiter=thread_limiter,
-                    )
+                raw = await self._call(ctx, kwargs, thread_limiter)
         except anyio.get_cancelled_exc_class():
             ctx.cancelled.set()
             raise
@@ -259,7 +267,7 @@ class Tool:
         if scope.cancelled_caught:
             ctx.cancelled.set()
             return ToolResult("timeout", error=f"tool {self.name!r} did not finish within {timeout:g} s")
-        return to_result(self.name, raw)
+        return raw if isinstance(raw, ToolResult) else to_result(self.name, raw)
 
 
 def to_result(tool_name: str, raw: Any) -> ToolResult:

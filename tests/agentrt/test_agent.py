@@ -221,3 +221,99 @@ def test_a_side_effect_not_approved_does_not_run_and_the_model_hears_why(tiny_en
     assert result.tool_calls and not any(c.ok for c in result.tool_calls)
     refusals = [m["content"] for m in result.messages if m["role"] == "tool"]
     assert refusals == ["Error (refused): delete has side effects and was not approved"] * len(result.tool_calls)
+
+
+@pytest.mark.parametrize("choice", ["pick", {"type": "function", "function": {"name": "pick"}}])
+def test_a_named_tool_choice_makes_the_first_turn_call_that_tool(tiny_engine, choice):
+    agent = agentrt.Agent(LocalBackend(tiny_engine), tools=[lookup, pick], tool_choice=choice, max_steps=2,
+                          max_tokens=60, grammar_options={"max_string_length": 6})
+    assert agent.tool_choice == {"type": "function", "function": {"name": "pick"}}
+    result = agent.run_sync("do something")
+    assert result.tool_calls and all(c.name == "pick" for c in result.tool_calls)
+
+
+@pytest.mark.parametrize("choice", ["nosuch", {"type": "function", "function": {"name": "nosuch"}},
+                                    {"type": "function"}, {"name": "pick"}, 3])
+def test_an_unknown_or_malformed_tool_choice_is_a_clear_error(choice):
+    with pytest.raises(InvalidRequestError) as err:
+        agentrt.Agent("tiny-random", tools=[pick], tool_choice=choice)
+    assert err.value.param == "tool_choice"
+    assert "pick" in str(err.value) or "function" in str(err.value)
+
+
+def test_a_named_tool_is_offered_even_when_tool_top_k_would_drop_it():
+    agent = agentrt.Agent("tiny-random", tools=[lookup, pick], tool_choice="pick", tool_top_k=1)
+    agent.registry.select = lambda prompt, k: agentrt.tools.ToolRegistry([lookup])  # relevance picks lookup
+    assert sorted(t["function"]["name"] for t in agent._offered("look a key up")) == ["lookup", "pick"]
+
+
+class _Scripted:
+    """A backend that answers every chat turn with the same text (no tool call, whatever was asked)."""
+
+    name, kv_features = "scripted", False
+
+    def __init__(self, content: str, finish_reason: str = "stop") -> None:
+        self.content, self.finish_reason, self.requests = content, finish_reason, []
+
+    async def chat(self, messages, options, params):
+        from agentrt.chat import ChatResult
+
+        self.requests.append((messages, options))
+        yield ChatResult(self.content, [], self.finish_reason, 0, 0)
+
+    async def text(self, prompt, grammar, params):
+        yield self.content
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("choice", ["required", "pick"])
+def test_a_forced_turn_that_comes_back_without_the_call_is_an_error_not_an_answer(choice):
+    from agentrt.errors import BackendCapabilityError
+
+    agent = agentrt.Agent(_Scripted("I would rather chat."), tools=[pick], tool_choice=choice)
+    with pytest.raises(BackendCapabilityError, match="tool_choice asked for") as err:
+        agent.run_sync("pick a digit")
+    assert err.value.feature == "tool_choice"
+    cut = agentrt.Agent(_Scripted("", finish_reason="length"), tools=[pick], tool_choice=choice)
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        cut.run_sync("pick a digit")
+
+
+def test_an_output_that_does_not_validate_is_retried_once_with_the_error_then_refused():
+    from agentrt.errors import BackendCapabilityError
+
+    backend = _Scripted('{"name": "Paris"}')  # no country: City does not validate
+    agent = agentrt.Agent(backend, output_type=City)
+    with pytest.raises(BackendCapabilityError, match="country") as err:
+        agent.run_sync("capital of France?")
+    assert err.value.feature == "response_format"
+    retry = backend.requests[-1][0]
+    assert len(backend.requests) == 3  # the answer, the JSON, the JSON once more
+    assert retry[-2] == {"role": "assistant", "content": '{"name": "Paris"}'}
+    assert "country" in retry[-1]["content"] and retry[-1]["role"] == "user"
+    backend.content = '{"name": "Paris", "country": "France"}'
+    assert agent.run_sync("capital of France?").output == City(name="Paris", country="France")
+
+
+def test_close_after_run_sync_and_the_agent_as_a_context_manager(tiny_engine):
+    from agentrt.server import create_app
+    from agentrt.testing import LiveServer
+
+    live = LiveServer(create_app(tiny_engine, model_names=["tiny-random"]))
+    try:
+        with agentrt.Agent(f"openai:{live.base_url}#tiny-random", max_tokens=4) as agent:
+            agent.run_sync("hello")
+            agent.run_sync("hello again")  # a second loop: the first loop's connections are not reused
+        agent.close()  # closing twice is harmless
+
+        async def in_a_loop():
+            async with agentrt.Agent(f"openai:{live.base_url}#tiny-random", max_tokens=4) as agent:
+                await agent.run("hello")
+                return agent.backend
+
+        backend = anyio.run(in_a_loop)
+        assert backend._http is None  # closed on exit
+    finally:
+        live.stop()

@@ -210,7 +210,7 @@ OK = {"model": "tiny-random", "messages": [{"role": "user", "content": "hi"}], "
     ({"temperature": -1}, 400, "temperature"),
     ({"top_p": 3}, 400, "top_p"),
     ({"max_tokens": 0}, 400, "max_tokens"),
-    ({"n": 2}, 400, "n"),
+    ({"n": 0}, 400, "n"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": "sometimes"}, 400, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, 400, "tools"),

@@ -1,0 +1,196 @@
+"""The OpenAI surface beyond chat basics, through the official openai client against a real uvicorn
+server on tiny-random: logprobs and top_logprobs, n > 1, penalties, legacy completions, models.retrieve,
+and the 400s OpenAI gives."""
+
+from __future__ import annotations
+
+import math
+
+import openai
+import pytest
+
+from agentrt.server import create_app
+from agentrt.testing import LiveServer
+
+MSGS = [{"role": "user", "content": "Tell me a story."}]
+ADD = {"type": "function", "function": {
+    "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
+
+
+@pytest.fixture(scope="module")
+def api():
+    from agentrt.engine import Engine
+
+    engine = Engine.load("tiny-random", device="cpu")
+    live = LiveServer(create_app(engine, model_names=["tiny-random"]))
+    yield openai.OpenAI(base_url=live.base_url, api_key="unused", max_retries=0, timeout=120), engine
+    live.stop()
+    engine.close()
+
+
+def _check_alternatives(entry, k: int) -> None:
+    alts = entry.top_logprobs
+    assert len(alts) == k
+    values = [a.logprob for a in alts]
+    assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+    assert sum(math.exp(v) for v in values) <= 1 + 1e-4
+    assert entry.logprob <= values[0] + 1e-5
+
+
+def test_chat_logprobs_with_three_alternatives(api):
+    client, _ = api
+    r = client.chat.completions.create(model="tiny-random", messages=MSGS, max_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    for entry in content:
+        _check_alternatives(entry, 3)
+        # greedy: the token taken is the most likely one, with its log-probability
+        assert entry.token == entry.top_logprobs[0].token and entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+        assert entry.bytes == list(entry.token.encode())
+    # logprobs without alternatives, and none unless asked
+    r = client.chat.completions.create(model="tiny-random", messages=MSGS, max_tokens=3, temperature=0, logprobs=True)
+    assert [len(e.top_logprobs) for e in r.choices[0].logprobs.content] == [0, 0, 0]
+    r = client.chat.completions.create(model="tiny-random", messages=MSGS, max_tokens=3, temperature=0)
+    assert r.choices[0].logprobs is None
+
+
+def test_streamed_logprobs_are_the_non_streamed_ones(api):
+    client, _ = api
+    kwargs = dict(model="tiny-random", messages=MSGS, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    streamed = [e for chunk in client.chat.completions.create(stream=True, **kwargs)
+                if chunk.choices and chunk.choices[0].logprobs for e in chunk.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in whole]
+
+
+def test_logprobs_come_from_the_masked_distribution(api):
+    """Under json_object the first token must open an object: every alternative reported does."""
+    client, _ = api
+    r = client.chat.completions.create(model="tiny-random", messages=MSGS, max_tokens=40, temperature=0,
+                                       response_format={"type": "json_object"}, logprobs=True, top_logprobs=5)
+    first = r.choices[0].logprobs.content[0]
+    assert first.top_logprobs and all(a.token.lstrip().startswith("{") for a in first.top_logprobs)
+    assert r.choices[0].message.content.lstrip().startswith("{")
+
+
+def test_json_object_is_an_object(api):
+    import json
+
+    client, _ = api
+    r = client.chat.completions.create(model="tiny-random", messages=MSGS, max_tokens=60, temperature=0,
+                                       response_format={"type": "json_object"})
+    choice = r.choices[0]
+    if choice.finish_reason == "stop":
+        assert isinstance(json.loads(choice.message.content), dict)
+    else:  # cut by max_tokens: still an object's beginning, never a bare string
+        assert choice.message.content.lstrip().startswith("{")
+
+
+def test_n_choices_are_the_seeded_single_requests(api):
+    client, engine = api
+    kwargs = dict(model="tiny-random", messages=MSGS, max_tokens=6, temperature=1.0)
+    r = client.chat.completions.create(n=2, seed=11, **kwargs)
+    assert [c.index for c in r.choices] == [0, 1]
+    singles = [client.chat.completions.create(seed=s, **kwargs).choices[0].message.content for s in (11, 12)]
+    assert [c.message.content for c in r.choices] == singles  # choice i draws from seed + i
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens < r.usage.completion_tokens + 100
+    streamed = client.chat.completions.create(n=2, seed=11, stream=True, **kwargs)
+    texts = ["", ""]
+    finished = set()
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finished.add(c.index)
+    assert finished == {0, 1} and texts == [t or "" for t in singles]
+    assert engine.pool.num_in_use == 0
+
+
+def test_penalties_change_a_greedy_output(api):
+    client, _ = api
+    base = dict(model="tiny-random", prompt="the the the the", max_tokens=12, temperature=0)
+    greedy = client.completions.create(**base).choices[0].text
+    tokens = client.completions.create(**base, logprobs=0).choices[0].logprobs.tokens
+    assert len(set(tokens)) < len(tokens), "precondition: tiny-random's greedy output repeats a token"
+    for extra in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repetition_penalty": 2.0}):
+        body = {**base, **({} if "repetition_penalty" not in extra else {"extra_body": extra})}
+        penalised = client.completions.create(**body, **({} if "repetition_penalty" in extra else extra))
+        assert penalised.choices[0].text != greedy, extra
+    chat = client.chat.completions.create(model="tiny-random", messages=MSGS, max_tokens=12, temperature=0)
+    chat_pen = client.chat.completions.create(model="tiny-random", messages=MSGS, max_tokens=12, temperature=0,
+                                              presence_penalty=2.0, frequency_penalty=2.0)
+    assert chat.choices[0].logprobs is None and chat_pen.usage.completion_tokens > 0
+
+
+def test_completions_create(api):
+    client, engine = api
+    r = client.completions.create(model="tiny-random", prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(engine.encode("Once upon a time")) and r.usage.completion_tokens == 5
+    text = r.choices[0].text
+    ids = engine.encode("Once upon a time")
+    same = client.completions.create(model="tiny-random", prompt=ids, max_tokens=5, temperature=0)
+    assert same.choices[0].text == text  # token ids are the same prompt
+    echoed = client.completions.create(model="tiny-random", prompt="Once upon a time", max_tokens=5, temperature=0,
+                                       echo=True)
+    assert echoed.choices[0].text == "Once upon a time" + text
+    lp = client.completions.create(model="tiny-random", prompt="Once upon a time", max_tokens=5, temperature=0,
+                                   logprobs=3).choices[0].logprobs
+    assert "".join(lp.tokens) == text and len(lp.token_logprobs) == 5
+    assert all(3 <= len(top) <= 4 and tok in top for tok, top in zip(lp.tokens, lp.top_logprobs))
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(5)]
+    batch = client.completions.create(model="tiny-random", prompt=["Once upon a time", "Hello"], max_tokens=3,
+                                      temperature=0, n=2)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert batch.choices[0].text == batch.choices[1].text == client.completions.create(
+        model="tiny-random", prompt="Once upon a time", max_tokens=3, temperature=0).choices[0].text
+    streamed = client.completions.create(model="tiny-random", prompt="Once upon a time", max_tokens=5,
+                                         temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    if text:
+        stop = text[len(text) // 2:][:3] or text
+        cut = client.completions.create(model="tiny-random", prompt="Once upon a time", max_tokens=5,
+                                        temperature=0, stop=[stop]).choices[0]
+        assert stop not in cut.text and cut.finish_reason == "stop"
+
+
+def test_models_retrieve(api):
+    client, _ = api
+    assert client.models.retrieve("tiny-random").id == "tiny-random"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"tool_choice": {"type": "function", "function": {"name": "add"}}}, "tool_choice"),
+    ({"tool_choice": {}, "tools": [ADD]}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "sub"}}, "tools": [ADD]}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"presence_penalty": -3}, "presence_penalty"),
+    ({"n": 0}, "n"),
+])
+def test_chat_requests_openai_refuses_are_400s(api, kwargs, param):
+    client, engine = api
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny-random", messages=MSGS, max_tokens=3, **kwargs)
+    assert err.value.body["param"] == param
+    assert engine.pool.num_in_use == 0
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"suffix": "the end"}, "suffix"),
+    ({"logprobs": 21}, "top_logprobs"),
+    ({"prompt": ""}, "prompt"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+])
+def test_completion_requests_openai_refuses_are_400s(api, kwargs, param):
+    client, _ = api
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny-random", **{"prompt": "Hello", "max_tokens": 3, **kwargs})
+    assert err.value.body["param"] == param
