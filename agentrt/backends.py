@@ -466,18 +466,18 @@ def grammar_accepts(grammar: str, text: str, *, complete: bool = True) -> bool:
     xgrammar over bytes (no tokenizer needed)."""
     import xgrammar as xgr
 
-    compiled = _byte_compiler().compile_grammar(xgr.Grammar.from_ebnf(grammar))
-    matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
+    matcher = xgr.GrammarMatcher(_byte_compiled(grammar), terminate_without_stop_token=True)
     if not matcher.accept_string(text):
         return False
     return matcher.is_terminated() or not complete
 
 
-@functools.cache
-def _byte_compiler():
+@functools.lru_cache(maxsize=32)  # a thread or plan checks the same grammar request after request
+def _byte_compiled(grammar: str):
     import xgrammar as xgr
 
-    return xgr.GrammarCompiler(xgr.TokenizerInfo(["a"]), cache_enabled=False)
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo(["a"]), cache_enabled=False)  # bytes only: no vocabulary
+    return compiler.compile_grammar(xgr.Grammar.from_ebnf(grammar))
 
 
 # --- our EBNF (xgrammar's) as GBNF (llama.cpp's) ---------------------------------------------------------

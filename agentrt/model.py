@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agentrt import exact, kernels
+from agentrt import exact, kernels, quant
 from agentrt.errors import UnsupportedModelError
 from agentrt.models import DTYPE_CHOICES
 
@@ -175,6 +175,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32 and self.weight.dtype == dtype:  # one fused kernel, the same bits here
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -230,9 +232,12 @@ class BatchInput:
         return (None, exact.PREFILL_TILES) if self.exact is None else (self.exact.row, self.exact.tiles)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, split: int | None,
-           tiles: exact.Tiles) -> torch.Tensor:
-    """F.linear(x, weight, bias), rows from `split` on by the batch-invariant kernel; [N, in] -> [N, out]."""
+def linear(x: torch.Tensor, weight: torch.Tensor | quant.QuantWeight, bias: torch.Tensor | None,
+           split: int | None, tiles: exact.Tiles) -> torch.Tensor:
+    """F.linear(x, weight, bias), rows from `split` on by the batch-invariant kernel; [N, in] -> [N, out].
+    A quantized weight (agentrt.quant) runs its own kernel, in fixed-shape calls from `split` on."""
+    if not isinstance(weight, torch.Tensor):
+        return quant.linear(x, weight, bias, split, tiles.rows)
     if split is None or split >= x.shape[0]:
         return F.linear(x, weight, bias)
     tail = exact.linear(x[split:], weight, bias, tiles.rows)
@@ -351,6 +356,13 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
+        self.head_quant: quant.QuantWeight | None = None  # the LM head's quantized twin (agentrt.quant)
+
+    def head(self) -> torch.Tensor | quant.QuantWeight:
+        """The LM head's weight [V, hidden]: quantized where the model is, else the (tied) dense one."""
+        if self.head_quant is not None:
+            return self.head_quant
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     @torch.inference_mode()
     def forward(self, batch: BatchInput, k_pools: torch.Tensor, v_pools: torch.Tensor) -> torch.Tensor:
@@ -368,8 +380,7 @@ class Transformer(nn.Module):
             x = x + layer.attn(layer.attn_norm(x), rope, batch, masks, key_rot, k_pools[i], v_pools[i])
             x = x + layer.mlp(layer.mlp_norm(x), split, tiles)
         x = self.norm(x[batch.logits_rows])  # [M, hidden]
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return linear(x, head, None, None if batch.exact is None else batch.exact.logit, tiles).float()
+        return linear(x, self.head(), None, None if batch.exact is None else batch.exact.logit, tiles).float()
 
 
     @torch.inference_mode()
@@ -389,8 +400,7 @@ class Transformer(nn.Module):
             if nxt is self.norm:  # only the rows that sample need the last norm and the head
                 m, res = m.index_select(0, step.logits_rows), res.index_select(0, step.logits_rows)
             h, res = kernels.add_rms_norm(m, res, nxt.weight, eps)
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, head).float()  # [R, V]
+        return linear(h, self.head(), None, None, exact.PREFILL_TILES).float()  # [R, V]
 
     def _grouped_mask(self, g: AttentionGroup) -> torch.Tensor:
         """[b, 1, q, T] bool -> [b, 1, rep * q, T] bool, rows ordered like grouped queries."""
@@ -485,8 +495,12 @@ def _convert(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torc
 
 
 def load_transformer(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                     ) -> Transformer:
-    """Build our Transformer from a local Hugging Face directory (config + safetensors)."""
+                     quant: str | None = None) -> Transformer:
+    """Build our Transformer from a local Hugging Face directory (config + safetensors).
+
+    quant (agentrt.quant.resolve_quant): "gguf" runs the layer linears on the blocks of the GGUF the
+    directory was dequantised from (embedded models), "int8" quantizes the dense weights per row, "none"
+    keeps them dense; None / "auto" is "gguf" on the CPU where there is a GGUF, else "none"."""
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
@@ -501,7 +515,10 @@ def load_transformer(model_dir: str | Path, dtype: torch.dtype = torch.float32, 
         raise UnsupportedModelError(f"{model_dir}: checkpoint lacks {missing[:5]}")
     model = model.to(device=device, dtype=dtype)
     model.rotary.inv_freq = model.rotary.inv_freq.float()
-    return model.eval()
+    from agentrt.quant import gguf_source, quantize_model, resolve_quant
+
+    gguf = gguf_source(model_dir) if quant != "none" and torch.device(device).type == "cpu" else None
+    return quantize_model(model, resolve_quant(quant, device, gguf is not None), gguf).eval()
 
 
 def read_generation_eos(model_dir: str | Path) -> list[int]:

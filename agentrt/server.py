@@ -296,7 +296,7 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
         choices = [_ChatChoice(engine, i, ids, matcher, p, top)
                    for i, ((ids, matcher), p) in enumerate(zip(prepared, params))]
         if body.stream:
-            return StreamingResponse(_sse(choices, rid, body.model, body.stream_options or {}),
+            return StreamingResponse(_sse(choices, rid, body.model, body.stream_options or {}, len(prompt_ids)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
         results = await _run_choices(request, rid, choices)
         if results is None:  # the client went away; nobody reads this
@@ -332,7 +332,8 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
             choices += [_CompletionChoice(engine, k * body.n + i, ids, p, top, echo) for i, p in enumerate(params)]
         rid = f"cmpl-{secrets.token_hex(12)}"
         if body.stream:
-            return StreamingResponse(_sse(choices, rid, body.model, body.stream_options or {}),
+            return StreamingResponse(_sse(choices, rid, body.model, body.stream_options or {},
+                                          sum(map(len, prompts))),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await _run_choices(request, rid, choices)
         if results is None:
@@ -850,23 +851,26 @@ def _usage(results: list[ChatResult], per_prompt: int | None = None) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _sse(choices: list[_Choice], rid: str, model: str, options: dict[str, Any]):
+async def _sse(choices: list[_Choice], rid: str, model: str, options: dict[str, Any], prompt_tokens: int):
     """SSE chunks of every choice, interleaved as they come; `include_usage` adds a last chunk with the
-    usage and no choices, `continuous_usage_stats` (vLLM's extension) the usage so far on every chunk."""
+    usage and no choices, and with it `continuous_usage_stats` (vLLM's extension) the usage so far on
+    every chunk."""
     created = int(time.time())
     chat = isinstance(choices[0], _ChatChoice)
     kind = "chat.completion.chunk" if chat else "text_completion"
-    continuous = bool(options.get("continuous_usage_stats"))
-    prompt_tokens = sum(len(c.prompt_ids) for c in choices[::len(choices) if chat else 1])
+    continuous = bool(options.get("include_usage") and options.get("continuous_usage_stats"))
 
-    def chunk(choice: dict | None, usage: dict | None = None) -> str:
+    def usage(completion: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
+
+    def chunk(choice: dict | None, totals: dict | None = None) -> str:
         obj: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model,
                                "choices": [] if choice is None else [choice]}
-        if continuous and usage is None:
-            done = sum(c.tokens_so_far() for c in choices)
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
-        if usage is not None:
-            obj["usage"] = usage
+        if continuous and totals is None:
+            totals = usage(sum(c.tokens_so_far() for c in choices))
+        if totals is not None:
+            obj["usage"] = totals
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     for c in choices:
@@ -880,9 +884,7 @@ async def _sse(choices: list[_Choice], rid: str, model: str, options: dict[str, 
                 results.append(result)
             yield chunk(choice)
         if options.get("include_usage"):
-            yield chunk(None, usage=_usage(results, None if chat else 1) if chat else
-                        {"prompt_tokens": prompt_tokens, "completion_tokens": sum(r.completion_tokens for r in results),
-                         "total_tokens": prompt_tokens + sum(r.completion_tokens for r in results)})
+            yield chunk(None, usage(sum(r.completion_tokens for r in results)))
     except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band, as OpenAI does
         log.warning("%s failed mid-stream: %r", rid, exc)
         yield f"data: {json.dumps(json.loads(_error_of(exc).body))}\n\n"

@@ -87,11 +87,12 @@ class Engine:
     # --- construction ---------------------------------------------------------------------
     @classmethod
     def load(cls, model: str = "smollm2-135m", *, device: str | None = None,
-             dtype: torch.dtype | str | None = None, **kwargs) -> Engine:
+             dtype: torch.dtype | str | None = None, quant: str | None = None, **kwargs) -> Engine:
         """Resolve a model name (embedded, tiny-random, local dir, hub id) and build an engine for it.
 
         dtype: a torch dtype or its name; None or "auto" picks bf16 where the hardware runs it natively
-        (CUDA, CPUs with AVX512-BF16 / AMX), else fp32 (see `resolve_dtype`)."""
+        (CUDA, CPUs with AVX512-BF16 / AMX), else fp32 (see `resolve_dtype`). quant: "gguf", "int8",
+        "none" or None / "auto" (weight-only quantized linears on the CPU, see `agentrt.quant`)."""
         path = resolve_model(model)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -99,7 +100,7 @@ class Engine:
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param="dtype") from None
         tok = AutoTokenizer.from_pretrained(path)
-        net = load_transformer(path, dtype=dtype, device=device)
+        net = load_transformer(path, dtype=dtype, device=device, quant=quant)
         return cls(net, tok, eos_token_ids=read_generation_eos(path), name=str(model), **kwargs)
 
     # --- prompts ----------------------------------------------------------------------------

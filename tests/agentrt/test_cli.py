@@ -79,3 +79,15 @@ def test_two_constraints_or_a_missing_file_are_clear_errors(tmp_path):
     assert proc.returncode == 1 and "one of" in proc.stderr
     proc = agentrt("generate", "--model", "tiny-random", "--json-schema", str(tmp_path / "nope.json"), "hi")
     assert proc.returncode == 1 and "not a file" in proc.stderr
+
+
+def test_mcp_flags_name_stdio_servers_split_as_a_shell_would():
+    from agentrt.cli import _mcp_servers, build_parser
+
+    for command in ("serve", "chat"):
+        args = build_parser().parse_args([command, "--mcp", "python 'my server.py' --root /tmp", "--mcp", "npx fs"])
+        servers = _mcp_servers(args)
+        assert [(s.command, s.args) for s in servers] == [("python", ["my server.py", "--root", "/tmp"]),
+                                                         ("npx", ["fs"])]
+        assert not any(s.running for s in servers)  # started when their tools are first listed
+    assert _mcp_servers(build_parser().parse_args(["serve"])) == []

@@ -20,7 +20,7 @@ def parity(model_dir, prompt: list[int], steps: int = 32) -> tuple[float, float]
     """Max |logit difference| for the prefill and for `steps` greedy decode steps."""
     from transformers import AutoModelForCausalLM
 
-    ours = load_transformer(model_dir)
+    ours = load_transformer(model_dir, quant="none")  # our dense forward; agentrt.quant has its own parity test
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     pool, seq = pool_for(ours), KVSequence()
     mine = run_ours(ours, pool, seq, prompt)

@@ -187,3 +187,27 @@ def test_an_empty_stream_from_the_function_calling_format_is_an_error():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_every_grammar_we_send_parses_as_gbnf_in_llama_cpp():
+    """The planner's, joiner's, ReAct's and thread tree's grammars (with embedded JSON schemas, whose
+    xgrammar text has lookaheads and unbounded repetition) pass llama.cpp's own grammar parser."""
+    from agentrt.backends import ebnf_to_gbnf
+    from agentrt.planner._grammar import joiner_grammar, plan_grammar, react_grammar
+    from agentrt.threads import ThreadSchema
+
+    llm = llama_cpp.Llama(model_path=_gguf(), vocab_only=True, verbose=False)
+    vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+
+    def parses(gbnf: str) -> bool:
+        sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode(), b"root")  # NULL when it does not parse
+        if sampler:
+            llama_cpp.llama_sampler_free(sampler)
+        return bool(sampler)
+
+    assert not parses("root ::= not_a_gbnf_name")  # the check can fail
+    grammars = {"plan": plan_grammar([get_weather, get_time]), "joiner": joiner_grammar(),
+                "react": react_grammar([get_weather], step_id=1),
+                "thread": ThreadSchema([get_weather], max_depth=2, answer_schema=City).ebnf()[0],
+                "resume": ThreadSchema([get_weather], max_depth=2).ebnf(resume_at=(0,))[0]}
+    assert {name for name, g in grammars.items() if not parses(ebnf_to_gbnf(g))} == set()

@@ -150,6 +150,12 @@ def test_completions_create(api):
     chunks = list(streamed)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    assert all(c.usage is None for c in chunks[:-1])
+    running = list(client.completions.create(model="tiny-random", prompt="Once upon a time", max_tokens=5,
+                                             temperature=0, stream=True, extra_body={"stream_options": {
+                                                 "include_usage": True, "continuous_usage_stats": True}}))
+    counts = [c.usage.completion_tokens for c in running]  # vLLM's extension: the usage so far on every chunk
+    assert counts == sorted(counts) and counts[-1] == 5 and all(c.usage.prompt_tokens > 0 for c in running)
     if text:
         stop = text[len(text) // 2:][:3] or text
         cut = client.completions.create(model="tiny-random", prompt="Once upon a time", max_tokens=5,
