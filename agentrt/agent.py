@@ -11,67 +11,33 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from dataclasses import replace
+from typing import Any, Generic, TypeVar
 
 import anyio
 
+from pydantic import TypeAdapter, ValidationError
+
+from agentrt import planner
 from agentrt.backends import Backend, collect_notes, open_backend
 from agentrt.chat import ChatOptions, ChatResult
 from agentrt.errors import BackendCapabilityError, InvalidRequestError, RunTimeoutError
+from agentrt.events import AgentEvent, Final, PlanDelta, RunResult, TaskPlanned, TextDelta, ToolEnd, ToolStart
+from agentrt.hogwild import HogwildPool
+from agentrt.planner import Approver, ask_approval, refusal
 from agentrt.sampling import SamplingParams
+from agentrt.threads import ThreadOptions, run_thread
+from agentrt.tools import ToolRegistry
 
-if TYPE_CHECKING:
-    from agentrt.planner import Approver
-
-__all__ = ["Agent", "RunResult", "TextDelta", "ToolStart", "ToolEnd", "Final", "AgentEvent"]
+__all__ = ["Agent", "RunResult", "TextDelta", "PlanDelta", "TaskPlanned", "ToolStart", "ToolEnd", "Final",
+           "AgentEvent"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MODES = ("chat", "plan", "dta", "react", "thread", "hogwild")
-
-
-@dataclass
-class TextDelta:
-    text: str
-
-
-@dataclass
-class ToolStart:
-    call_id: str
-    name: str
-    arguments: dict
-
-
-@dataclass
-class ToolEnd:
-    call_id: str
-    name: str
-    ok: bool
-    observation: str
-    value: Any = None
-
-
-@dataclass
-class RunResult(Generic[T]):
-    output: T
-    text: str  # the final answer as the model wrote it
-    mode: str
-    tool_calls: list[ToolEnd] = field(default_factory=list)
-    messages: list[dict] = field(default_factory=list)
-    steps: int = 0
-    tree: dict | None = None  # thread mode: the whole reasoning tree
-    notes: list[str] = field(default_factory=list)  # what the backend could not do (e.g. no KV pruning)
-
-
-@dataclass
-class Final:
-    result: RunResult
-
-
-AgentEvent = TextDelta | ToolStart | ToolEnd | Final
 
 
 class Agent(Generic[T]):
@@ -83,6 +49,9 @@ class Agent(Generic[T]):
     `side_effects=True` runs (`call`: the chat ToolCall, or the plan's Task in plan, dta, react and
     thread modes); without it such tools are refused, and the refusal is the result the model sees.
 
+    `plan_options`: keyword arguments for the planner of plan, dta and react modes (`max_replans`,
+    `examples`, `limits`, ...: see `agentrt.planner.run_plan`).
+
     `tool_choice`: "auto", "required" (the first turn must call a tool), or one tool, named as a string or
     as OpenAI's `{"type": "function", "function": {"name": ...}}` (the first turn calls that tool). A first
     turn that comes back without the call it was asked for is an error, never a plain answer.
@@ -93,14 +62,10 @@ class Agent(Generic[T]):
                  output_type: type[T] = str, instructions: str | None = None, max_steps: int = 8,
                  timeout: float | None = None, temperature: float = 0.0, max_tokens: int = 512,
                  tool_top_k: int | None = None, tool_choice: str | dict = "auto", grammar_options: dict | None = None,
-                 workers: int = 4, thread_options: Any = None, approve: Approver | None = None,
-                 device: str | None = None, dtype: str | None = None) -> None:
-        from agentrt.tools import ToolRegistry
-
+                 workers: int = 4, thread_options: Any = None, plan_options: dict | None = None,
+                 approve: Approver | None = None, device: str | None = None, dtype: str | None = None) -> None:
         if mode not in MODES:
             raise InvalidRequestError(f"mode {mode!r} is not one of {', '.join(MODES)}", param="mode")
-        from agentrt.threads import ThreadOptions
-
         if isinstance(thread_options, dict):
             try:
                 thread_options = ThreadOptions(**thread_options)
@@ -119,6 +84,7 @@ class Agent(Generic[T]):
         self.tool_top_k = tool_top_k
         self.tool_choice = _tool_choice(tool_choice, self.registry)
         self.grammar_options = dict(grammar_options or {})  # JsonSchema caps: max_string_length, ...
+        self.plan_options = dict(plan_options or {})
         self.approve = approve
         self.params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
         self._model, self._device, self._dtype = model, device, dtype
@@ -211,14 +177,16 @@ class Agent(Generic[T]):
         with collect_notes() as notes:  # what the backend could not enforce itself, said by it
             if self.mode == "thread":
                 return await self._thread(prompt, emit, notes)
+            stats: dict[str, Any] = {}
             if self.mode == "chat":
                 text, calls, messages, steps = await self._chat(prompt, emit, history)
             elif self.mode == "hogwild":
-                text, calls, messages, steps = await self._hogwild(prompt, emit)
+                text, calls, messages, steps = await self._hogwild(prompt, emit, stats)
             else:
                 text, calls, messages, steps = await self._planned(prompt, emit)
             output = await self._structure(prompt, text) if self.output_type is not str else text
-            await emit(Final(RunResult(output, text, self.mode, calls, messages, steps, notes=list(notes))))
+            await emit(Final(RunResult(output, text, self.mode, calls, messages, steps, notes=list(notes),
+                                       stats=stats)))
 
     async def _chat(self, prompt: str, emit: Callable, history: list[dict]
                     ) -> tuple[str, list[ToolEnd], list[dict], int]:
@@ -298,26 +266,49 @@ class Agent(Generic[T]):
 
     async def _invoke(self, tool, args: dict, call):
         """Run a tool; one with side effects only when `approve` allows it, else its refusal is the result."""
-        from agentrt.planner import ask_approval, refusal
-
         if tool.side_effects and not await ask_approval(self.approve, tool, args, call):
             return refusal(tool)
         return await tool.invoke(args)
 
     async def _planned(self, prompt: str, emit: Callable) -> tuple[str, list[ToolEnd], list[dict], int]:
-        from agentrt import planner
+        """Plan, dta and react: the planner runs the question; its plan text, tasks and tool runs stream
+        out as events while it goes."""
+        params, state = self.params, planner.ExecutionState()
+        send, receive = anyio.create_memory_object_stream[AgentEvent](math.inf)
 
-        params = self.params
+        async def llm_text(text: str, grammar: str | None) -> AsyncIterator[str]:
+            async for chunk in self.backend.text(text, grammar, params):
+                send.send_nowait(PlanDelta(chunk))
+                yield chunk
 
-        def llm(text: str, grammar: str | None) -> AsyncIterator[str]:
-            return self.backend.text(text, grammar, params)
+        def on_span(kind: str, span) -> None:  # the executor's trace, on this event loop
+            tid = str(span.task_id)
+            if kind == "task":
+                send.send_nowait(TaskPlanned(tid, span.tool, state.tasks[span.task_id].to_json()["args"]))
+            elif kind == "start":
+                args = state.resolved_args.get(span.task_id)
+                send.send_nowait(ToolStart(tid, span.tool, args if isinstance(args, dict) else {}))
+            elif kind == "end":
+                r = state.results[span.task_id]
+                send.send_nowait(ToolEnd(tid, span.tool, r.ok, r.observation(), r.value, round(span.duration, 4)))
+
+        async def forward() -> None:
+            async with receive:
+                async for ev in receive:
+                    await emit(ev)
 
         question = f"{self.instructions}\n\n{prompt}" if self.instructions else prompt
         runner = {"plan": planner.run_plan, "dta": planner.run_dta, "react": planner.run_react}[self.mode]
         kwargs: dict[str, Any] = {"max_steps": self.max_steps} if self.mode == "react" else {}
+        kwargs.update(self.plan_options)
         if self.approve is not None:  # the default executor refuses side effects
             kwargs["executor"] = planner.Executor(self.registry, approve=self.approve)
-        run = await runner(question, llm, self.registry, tool_top_k=self.tool_top_k, **kwargs)
+        state.trace.listeners.append(on_span)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(forward)
+            with send:
+                run = await runner(question, llm_text, self.registry, tool_top_k=self.tool_top_k, state=state,
+                                   **kwargs)
         calls = []
         for tid, task in sorted(run.state.tasks.items()):
             r = run.state.results.get(tid)
@@ -327,10 +318,9 @@ class Agent(Generic[T]):
         await emit(TextDelta(answer))
         return answer, calls, [{"role": "assistant", "content": o} for o in run.outputs], run.rounds
 
-    async def _hogwild(self, prompt: str, emit: Callable) -> tuple[str, list[ToolEnd], list[dict], int]:
+    async def _hogwild(self, prompt: str, emit: Callable, stats: dict
+                       ) -> tuple[str, list[ToolEnd], list[dict], int]:
         """Hogwild! Inference: `workers` decoders over one shared KV cache (local engine only)."""
-        from agentrt.hogwild import HogwildPool
-
         engine = getattr(self.backend, "engine", None)
         if engine is None:
             raise InvalidRequestError("mode 'hogwild' needs the local engine (its shared KV cache); a remote "
@@ -339,18 +329,14 @@ class Agent(Generic[T]):
         result = await HogwildPool(engine, workers=self.workers).run(question, max_tokens=self.params.max_tokens,
                                                                       params=self.params)
         answer = result.answer or ""
+        stats.update(workers=result.texts, steps=result.steps, generated_tokens=result.generated_tokens,
+                     finish_reason=result.finish_reason)
         await emit(TextDelta(answer))
         return answer, [], [{"role": "assistant", "content": t} for t in result.texts], result.steps
 
     async def _thread(self, prompt: str, emit: Callable, notes: list[str]) -> None:
         """TIM-style thread: one tree, tools inside the generation, KV pruning (local engine; a remote
         backend runs tools between requests without pruning and says so in `notes`)."""
-        from dataclasses import replace
-
-        from pydantic import TypeAdapter
-
-        from agentrt.threads import run_thread
-
         options = self.thread_options
         if isinstance(self.tool_choice, dict):
             raise InvalidRequestError("thread mode takes tool_choice 'auto' or 'required', not a named tool",
@@ -372,9 +358,7 @@ class Agent(Generic[T]):
         tools = self._selected(prompt)
         executor = None
         if self.approve is not None:  # the default executor refuses side effects
-            from agentrt.planner import Executor
-
-            executor = Executor(tools, approve=self.approve, default_timeout=options.tool_timeout)
+            executor = planner.Executor(tools, approve=self.approve, default_timeout=options.tool_timeout)
         result = await run_thread(self.backend, prompt, tools, options=options, executor=executor,
                                   answer_schema=self.output_type if typed else None, params=self.params,
                                   instructions=self.instructions, on_event=on_event, **self.grammar_options)
@@ -392,8 +376,6 @@ class Agent(Generic[T]):
         """Decode the final value under output_type's JSON schema; a value that does not validate (a
         backend that could not enforce the schema, or a check the grammar leaves out) is asked for once
         more with the validation error fed back, then refused with BackendCapabilityError."""
-        from pydantic import TypeAdapter, ValidationError
-
         adapter = TypeAdapter(self.output_type)
         schema = adapter.json_schema()
         messages = [{"role": "user", "content": prompt}]

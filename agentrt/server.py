@@ -32,9 +32,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from agentrt.agent import Agent
 from agentrt.chat import ChatOptions, ChatResult, chat_constraint, prepare_chat, stream_chat
 from agentrt.errors import (AgentrtError, ContextLengthError, EngineClosedError, InvalidRequestError,
                             ModelNotFoundError, OverloadedError)
+from agentrt.events import wire_event
 from agentrt.sampling import SamplingParams
 
 __all__ = ["create_app", "ChatCompletionRequest", "serve"]
@@ -352,7 +354,7 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
                                       param="mode")
         params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature)
         if body.mode == "hogwild":
-            return StreamingResponse(_hogwild_events(engine, body, params), media_type="text/event-stream",
+            return StreamingResponse(_agent_events(backend, ToolRegistry([]), body), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         if body.mode == "thread":
             options = _thread_options(body.thread)
@@ -360,39 +362,28 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         if not tools:
             raise InvalidRequestError("no tools are registered on this server", param="tools")
-        return StreamingResponse(_agent_events(backend, ToolRegistry(tools), body, params),
+        return StreamingResponse(_agent_events(backend, ToolRegistry(tools), body),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
 
 
-async def _agent_events(backend, registry, body: AgentRunRequest, params: SamplingParams):
-    """SSE events of a plan/dta/react run: task, tool_start, tool_end, final, then [DONE]."""
-    from agentrt import planner
-
-    state = planner.ExecutionState()
-
-    def on_span(send, kind: str, span) -> None:
-        event: dict[str, Any] = {"type": {"task": "task", "start": "tool_start", "end": "tool_end"}[kind],
-                                 "id": span.task_id, "tool": span.tool}
-        if kind == "task":
-            event["args"] = state.tasks[span.task_id].to_json()["args"]
-        elif kind == "end":
-            result = state.results[span.task_id]
-            event.update(ok=result.ok, observation=result.observation(1000), seconds=round(span.duration, 4))
-        send.send_nowait(event)
-
-    def llm(prompt: str, grammar: str | None):
-        return backend.text(prompt, grammar, params)
+async def _agent_events(backend, registry, body: AgentRunRequest):
+    """SSE events of a plan, dta, react or hogwild run, as `Agent.stream` gives them (see
+    agentrt.events.wire_event): task, tool_start, tool_end, plan and text deltas, final, then [DONE]."""
+    plan = {"max_replans": body.max_replans} if body.mode == "plan" else None
+    agent = Agent(backend, registry, mode=body.mode, max_tokens=body.max_tokens, temperature=body.temperature,
+                  workers=body.workers, plan_options=plan)
 
     async def produce(send) -> None:
-        state.trace.listeners.append(lambda kind, span: on_span(send, kind, span))
-        runner = {"plan": planner.run_plan, "dta": planner.run_dta, "react": planner.run_react}[body.mode]
-        kwargs = {"max_replans": body.max_replans} if body.mode == "plan" else {}
-        result = await runner(body.input, llm, registry, state=state, **kwargs)
-        await send.send({"type": "final", "answer": result.answer, "rounds": result.rounds,
-                         "tasks": len(result.state.tasks),
-                         "ok": sum(r.ok for r in result.state.results.values())})
+        tasks = 0
+        async for ev in agent.stream(body.input):
+            event = wire_event(ev)
+            if event is not None:
+                tasks += event["type"] == "task"
+                if event["type"] == "final" and body.mode != "hogwild":
+                    event["tasks"] = tasks
+                await send.send(event)
 
     async for line in _sse_events(produce):
         yield line
@@ -413,21 +404,6 @@ async def _sse_events(produce):
         tg.start_soon(run)
         async for event in receive:
             yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-async def _hogwild_events(engine, body: AgentRunRequest, params: SamplingParams):
-    """SSE events of a Hogwild! run: one `final` event with the answer and each worker's text."""
-    from agentrt.hogwild import HogwildPool
-
-    try:
-        result = await HogwildPool(engine, workers=body.workers).run(body.input, max_tokens=body.max_tokens,
-                                                                      params=params)
-        event = {"type": "final", "answer": result.answer, "workers": result.texts, "steps": result.steps,
-                 "generated_tokens": result.generated_tokens, "finish_reason": result.finish_reason}
-    except AgentrtError as exc:
-        event = {"type": "error", "error": json.loads(_error_for(exc).body)["error"]}
-    yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
     yield "data: [DONE]\n\n"
 
 
