@@ -284,7 +284,8 @@ class Agent(Generic[T]):
         def on_span(kind: str, span) -> None:  # the executor's trace, on this event loop
             tid = str(span.task_id)
             if kind == "task":
-                send.send_nowait(TaskPlanned(tid, span.tool, state.tasks[span.task_id].to_json()["args"]))
+                task = state.tasks[span.task_id]
+                send.send_nowait(TaskPlanned(tid, span.tool, task.to_json()["args"], [str(d) for d in sorted(task.deps)]))
             elif kind == "start":
                 args = state.resolved_args.get(span.task_id)
                 send.send_nowait(ToolStart(tid, span.tool, args if isinstance(args, dict) else {}))

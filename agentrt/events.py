@@ -31,6 +31,7 @@ class TaskPlanned:
     call_id: str  # the task's number in the plan
     name: str
     arguments: Any
+    deps: list[str] = field(default_factory=list)  # the tasks whose results it takes
 
 
 @dataclass
@@ -74,7 +75,8 @@ AgentEvent = TextDelta | PlanDelta | TaskPlanned | ToolStart | ToolEnd | Final
 def wire_event(ev: AgentEvent, observation_chars: int = 1000) -> dict[str, Any] | None:
     """The JSON object an event travels as over SSE (None: an event the wire does not carry)."""
     if isinstance(ev, TaskPlanned):
-        return {"type": "task", "id": _task_id(ev.call_id), "tool": ev.name, "args": ev.arguments}
+        return {"type": "task", "id": _task_id(ev.call_id), "tool": ev.name, "args": ev.arguments,
+                "deps": [_task_id(d) for d in ev.deps]}
     if isinstance(ev, ToolStart):
         return {"type": "tool_start", "id": _task_id(ev.call_id), "tool": ev.name}
     if isinstance(ev, ToolEnd):

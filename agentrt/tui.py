@@ -2,9 +2,9 @@
 
 `ChatApp` is the whole loop (messages, slash commands, approvals, Ctrl-C) over an agent factory, a
 rich Console and an input source, so it runs headless in tests; `run_chat` puts a real terminal
-around it. Plan, dta and react runs drive the planner directly, as `agentrt demo` does, to draw the DAG live;
-thread and hogwild runs (one generation each: a reasoning tree with tools inside it, or workers over one
-KV cache) show their tool calls as they happen and the answer at the end.
+around it. Every mode runs through `Agent.stream`: plan, dta and react runs draw the plan being decoded
+and its tasks live from the agent's events (agentrt.views); chat, thread and hogwild runs show their
+tool calls as they happen and the answer at the end.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from agentrt.agent import MODES, Agent, Final, TextDelta, ToolEnd, ToolStart
-from agentrt.demo import plan_view
+from agentrt.agent import MODES, Agent
 from agentrt.errors import AgentrtError, InvalidRequestError
-from agentrt.planner import ExecutionState, Executor, Trace
-from agentrt.tools import Tool, ToolRegistry, ToolResult, calculator, workspace_tools
+from agentrt.events import Final, PlanDelta, TaskPlanned, TextDelta, ToolEnd, ToolStart
+from agentrt.planner import Trace
+from agentrt.tools import Tool, ToolResult, calculator, workspace_tools
+from agentrt.views import PlanBoard, plan_view
 
 __all__ = ["AgentFactory", "ApprovalGate", "ChatApp", "InputSource", "PromptInput", "Turn", "chat_tools",
            "local_agents", "run_chat"]
@@ -150,16 +151,6 @@ class Turn:
     error: str | None = None
 
 
-class _WatchedExecutor(Executor):
-    """An Executor that keeps the state it runs on, so the view can draw the DAG while it grows."""
-
-    state: ExecutionState | None = None
-
-    async def run(self, tasks: Any, state: ExecutionState | None = None) -> ExecutionState:
-        self.state = state if state is not None else ExecutionState()
-        return await super().run(tasks, self.state)
-
-
 class _TurnView:
     """The transient part of a turn: the streamed text, or the plan and its tasks, with a spinner."""
 
@@ -167,8 +158,7 @@ class _TurnView:
         self.console = console
         self.started = time.perf_counter()
         self.text = ""
-        self.plan: list[str] = []
-        self.executor: _WatchedExecutor | None = None
+        self.board: PlanBoard | None = None  # plan modes: the plan and its tasks
         self.live = self._live()
         self._paused = False
 
@@ -177,10 +167,8 @@ class _TurnView:
 
     def render(self) -> RenderableType:
         took = f"{time.perf_counter() - self.started:.1f}s · Ctrl-C cancels"
-        state = self.executor.state if self.executor is not None else None
-        if state is not None or self.plan:
-            return Group(plan_view("".join(self.plan), state or ExecutionState(), self.started),
-                         Spinner("dots", text=took))
+        if self.board is not None:
+            return Group(plan_view(self.board), Spinner("dots", text=took))
         return Group(Text(self.text), Spinner("dots", text=Text(took, style="dim")))
 
     async def animate(self) -> None:
@@ -201,14 +189,6 @@ class _TurnView:
             self.live.start()
             self._paused = False
 
-    async def tee(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        """Pass an LLM stream through, keeping its text for the plan panel."""
-        self.plan.clear()
-        async with contextlib.aclosing(chunks) as it:  # closing it stops the decoding too
-            async for chunk in it:
-                self.plan.append(chunk)
-                yield chunk
-
 
 class ChatApp:
     """The chat loop over `agent_factory(model, mode, tools)`, drawing on `console`, reading `input`.
@@ -224,7 +204,6 @@ class ChatApp:
         self.factory, self.console, self.input = agent_factory, console, input
         self.model, self.mode = model, mode
         tools = chat_tools() if tools is None else tools
-        self.plain_tools = list(tools)  # plan modes: the Executor asks before a side effect runs
         self.tools = [ApprovalGate(t, self._approve) if t.side_effects else t for t in tools]
         self.history: list[dict] = []
         self.always: set[str] = set()  # tools the user allowed for the whole session
@@ -304,16 +283,17 @@ class ChatApp:
             await anyio.sleep_forever()
 
     def _runner(self) -> Callable[[Turn, _TurnView], Awaitable[None]]:
-        if self.mode == "chat":
-            return self._chat
-        return self._streamed if self.mode in ("thread", "hogwild") else self._planned
+        return self._chat if self.mode == "chat" else self._streamed
 
     async def _chat(self, turn: Turn, view: _TurnView) -> None:
         result = await self._follow(turn, view, self.agent.stream(turn.prompt, history=self.history))
         self.history = result.messages[1:] if self.agent.instructions else result.messages
 
     async def _streamed(self, turn: Turn, view: _TurnView) -> None:
-        """Thread and hogwild runs: the conversation so far rides in the prompt (as in plan modes)."""
+        """Every mode but chat takes one question: the conversation so far rides in front of it. Plan, dta
+        and react runs draw their plan and its tasks live."""
+        if self.mode in ("plan", "dta", "react"):
+            view.board = PlanBoard()
         await self._follow(turn, view, self.agent.stream(_with_history(self.history, turn.prompt)))
         self.history += [{"role": "user", "content": turn.prompt}, {"role": "assistant", "content": turn.text}]
 
@@ -324,6 +304,10 @@ class ChatApp:
         result = None
         async with contextlib.aclosing(stream) as events:
             async for ev in events:
+                if view.board is not None:
+                    view.board.add(ev)
+                if isinstance(ev, (PlanDelta, TaskPlanned)):
+                    continue
                 if isinstance(ev, TextDelta):
                     view.text += ev.text
                     turn.deltas += 1
@@ -332,49 +316,29 @@ class ChatApp:
                     span = trace.span(tid, ev.name)
                     span.start, span.args, span.status = trace.now(), ev.arguments, "running"
                     args = json.dumps(ev.arguments, ensure_ascii=False)
-                    self.console.print(Text.assemble(("⚙ ", "cyan"), (ev.name, "bold cyan"), f"({_clip(args)})"))
+                    if view.board is None:  # a plan's calls are on its board
+                        self.console.print(Text.assemble(("⚙ ", "cyan"), (ev.name, "bold cyan"), f"({_clip(args)})"))
                 elif isinstance(ev, ToolEnd):
+                    if ev.call_id not in ids:  # a plan task that ended without running (a failed input)
+                        ids[ev.call_id] = len(ids) + 1
+                        trace.span(ids[ev.call_id], ev.name).start = trace.now()
                     span = trace.spans[ids[ev.call_id]]
                     span.end, span.status = trace.now(), "ok" if ev.ok else "error"
                     span.error = None if ev.ok else ev.observation
                     turn.tools.append(ev)
-                    self.console.print(_tool_line(ev.name, ev.ok, span.duration, ev.observation))
+                    if view.board is None:
+                        self.console.print(_tool_line(ev.name, ev.ok, span.duration, ev.observation))
                 elif isinstance(ev, Final):
                     result = ev.result
         assert result is not None
         turn.text = result.text
         return result
 
-    async def _planned(self, turn: Turn, view: _TurnView) -> None:
-        from agentrt import planner
-
-        agent = self.agent
-        tools = ToolRegistry(self.plain_tools)
-        executor = view.executor = _WatchedExecutor(tools, approve=lambda tool, args, task: self._approve(tool, args))
-
-        def llm(text: str, grammar: str | None) -> AsyncIterator[str]:
-            return view.tee(agent.backend.text(text, grammar, agent.params))
-
-        question = _with_history(self.history, turn.prompt)
-        common = {"executor": executor, "tool_top_k": agent.tool_top_k}
-        if self.mode == "react":
-            run = await planner.run_react(question, llm, tools, max_steps=agent.max_steps, **common)
-        else:
-            runner = planner.run_plan if self.mode == "plan" else planner.run_dta
-            run = await runner(question, llm, tools, **common)
-        turn.text = run.answer or ""
-        for tid, task in sorted(run.state.tasks.items()):
-            r = run.state.results.get(tid)
-            if r is not None:
-                turn.tools.append(ToolEnd(str(tid), task.tool, r.ok, r.observation(), r.value))
-        self.history += [{"role": "user", "content": turn.prompt}, {"role": "assistant", "content": turn.text}]
-
     def _show(self, turn: Turn, view: _TurnView) -> None:
         """What stays on screen once the turn is over: the final DAG, the answer as Markdown, a footer."""
         con = self.console
-        if view.executor is not None and view.executor.state is not None:
-            self.trace = view.executor.state.trace
-            con.print(plan_view("".join(view.plan), view.executor.state, view.started))
+        if view.board is not None:
+            con.print(plan_view(view.board))
         if turn.cancelled:
             if view.text:
                 con.print(Text(view.text, style="dim"))
