@@ -22,7 +22,9 @@ import pytest
 from pydantic import BaseModel
 
 import agentrt
-from agentrt.backends import DIALECTS, RemoteBackend, collect_notes, ebnf_to_gbnf, grammar_accepts
+from agentrt.gbnf import ebnf_to_gbnf
+from agentrt.notes import collect_notes
+from agentrt.remote import DIALECTS, RemoteBackend, grammar_accepts
 from agentrt.chat import ChatOptions, ChatResult
 from agentrt.errors import BackendCapabilityError, EngineError, GrammarError, InvalidRequestError
 from agentrt.sampling import SamplingParams

@@ -25,7 +25,7 @@ import pytest
 from pydantic import BaseModel
 
 import agentrt
-from agentrt.backends import RemoteBackend
+from agentrt.remote import RemoteBackend
 from agentrt.chat import ChatOptions
 from agentrt.errors import EngineError
 from agentrt.sampling import SamplingParams
@@ -192,7 +192,7 @@ def test_an_empty_stream_from_the_function_calling_format_is_an_error():
 def test_every_grammar_we_send_parses_as_gbnf_in_llama_cpp():
     """The planner's, joiner's, ReAct's and thread tree's grammars (with embedded JSON schemas, whose
     xgrammar text has lookaheads and unbounded repetition) pass llama.cpp's own grammar parser."""
-    from agentrt.backends import ebnf_to_gbnf
+    from agentrt.gbnf import ebnf_to_gbnf
     from agentrt.planner._grammar import joiner_grammar, plan_grammar, react_grammar
     from agentrt.threads import ThreadSchema
 

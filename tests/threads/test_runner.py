@@ -142,7 +142,7 @@ def test_a_tree_cut_by_max_tokens_is_a_clear_error(tiny_backend):
 
 
 def test_remote_backends_fall_back_to_tools_between_requests_without_pruning(tiny_backend, add):
-    from agentrt.backends import RemoteBackend
+    from agentrt.remote import RemoteBackend
     from agentrt.server import create_app
     from agentrt.testing import LiveServer
 
