@@ -3,6 +3,9 @@
 Shared by the OpenAI-compatible server, the SDK and the terminal agent. Tool calls use agentrt's
 format, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, decoded under the `ToolCalls`
 grammar; `ToolCallStream` turns the text into content deltas and per-call name/argument deltas.
+Unconstrained, a model may also answer with the calls alone as bare JSON, as Qwen2.5's chat template
+teaches (`{"name": ..., "arguments": ...}`, one per line, a list of them, or in a ```json fence):
+such an output is held back and read as calls when it ends.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentrt.errors import InvalidRequestError
-from agentrt.grammar import MAX_TOOL_CALLS, TOOL_CALL_BEGIN, TOOL_CALL_END, call_key
+from agentrt.grammar import MAX_TOOL_CALLS, TOOL_CALL_BEGIN, TOOL_CALL_END, CallList, call_key
 
-__all__ = ["ChatOptions", "ChatEvent", "ChatResult", "ToolCall", "ToolCallStream", "build_prompt", "chat_constraint",
+__all__ = ["ChatOptions", "ChatEvent", "ChatResult", "ToolCall", "ToolCallStream", "bare_calls", "build_prompt",
+           "chat_constraint",
            "prepare_chat", "stream_chat", "turn_calls"]
 
 # Tool calls are written `{"name": "f", "arguments": {"a": 1}}`: one fixed space after ',' and ':'
@@ -25,6 +29,37 @@ __all__ = ["ChatOptions", "ChatEvent", "ChatResult", "ToolCall", "ToolCallStream
 # smollm2-135m scored 41/60 with it against 24/60 with compact separators.
 TOOL_SEPARATORS = (", ", ": ")
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+_FENCE = re.compile(r"\A\s*```(?:json)?\s*|\s*```\s*\Z")
+_BARE_START = ('{"name"', '[{"name"', "```json", "```\n")
+
+
+def _could_be_bare_calls(text: str) -> bool:
+    """Whether an output that begins with `text` may still be bare-JSON tool calls."""
+    head = re.sub(r"\s+", "", text)[:8]
+    return bool(head) and any(h.replace("\n", "").startswith(head) or head.startswith(h.replace("\n", ""))
+                              for h in _BARE_START)
+
+
+def bare_calls(text: str) -> list[tuple[str, Any]] | None:
+    """(name, arguments) of the calls when `text` is nothing but bare-JSON calls, else None."""
+    body, decoder, found = _FENCE.sub("", text.strip()).strip(), json.JSONDecoder(), []
+    while body:
+        try:
+            value, end = decoder.raw_decode(body)
+        except json.JSONDecodeError:
+            return None
+        for call in value if isinstance(value, list) else [value]:
+            args = call.get("arguments", call.get("parameters")) if isinstance(call, dict) else None
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args)
+                except json.JSONDecodeError:
+                    return None
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(args, dict):
+                return None
+            found.append((call["name"], args))
+        body = body[end:].lstrip().removeprefix(",").lstrip()
+    return found or None
 
 
 @dataclass
@@ -75,9 +110,11 @@ class ToolCallStream:
     are held back until they can be told apart from the arguments. A call is held back while it
     could still be an exact repeat of an earlier one (`earlier`: (name, arguments) of calls made
     before this output, and this output's own); a finished repeat is dropped (`refused` counts them).
+    With `bare`, an output that is only bare-JSON calls (`bare_calls`) is held back and ends as calls.
     """
 
-    def __init__(self, earlier: list[tuple[str, Any]] = ()) -> None:
+    def __init__(self, earlier: list[tuple[str, Any]] = (), *, bare: bool = False) -> None:
+        self.bare = bare  # tools were offered: an output of bare-JSON calls alone is read as calls
         self.earlier = [(name, args if isinstance(args, str) else json.dumps(args, separators=TOOL_SEPARATORS,
                                                                              ensure_ascii=False))
                         for name, args in earlier]
@@ -101,6 +138,8 @@ class ToolCallStream:
             if self._block is None:
                 i = self._buf.find(TOOL_CALL_BEGIN)
                 if i < 0:
+                    if self.bare and not self.content and not self.calls and _could_be_bare_calls(self._buf):
+                        return events  # may be bare-JSON calls: held until the output ends (`finish`)
                     keep = _partial_suffix(self._buf, TOOL_CALL_BEGIN)
                     self._content(events, self._buf[:len(self._buf) - keep])
                     self._buf = self._buf[len(self._buf) - keep:]
@@ -139,6 +178,12 @@ class ToolCallStream:
     def finish(self) -> list[ChatEvent]:
         """End of output: flush held-back text; an unterminated call keeps what it has."""
         events: list[ChatEvent] = []
+        bare = (bare_calls(self._buf) if self.bare and self._block is None and not self.content and not self.calls
+                else None)
+        if bare is not None:
+            self._buf = ""
+            for name, args in bare:
+                self._bare_call(events, name, args)
         if self._block is None:
             self._content(events, self._buf)
         elif self._args_start >= 0:  # cut short (length): the call keeps the arguments it has
@@ -147,6 +192,17 @@ class ToolCallStream:
         # a block cut before its name is complete carries nothing a client could use: dropped
         self._buf, self._block, self._ws = "", None, ""
         return events
+
+    def _bare_call(self, events: list[ChatEvent], name: str, args: dict) -> None:
+        """One finished call read from bare JSON (a repeat of an earlier call is dropped)."""
+        text = json.dumps(args, separators=TOOL_SEPARATORS, ensure_ascii=False)
+        if call_key(name, text) in {call_key(n, a) for n, a in self.earlier + [(c.name, c.arguments) for c in self.calls]}:
+            self.refused += 1
+            return
+        self.calls.append(ToolCall(f"call_{secrets.token_hex(12)}", name, text, complete=True))
+        i = len(self.calls) - 1
+        events += [ChatEvent("call_start", index=i, call_id=self.calls[i].id, name=name),
+                   ChatEvent("call_args", text, index=i)]
 
     def _content(self, events: list[ChatEvent], text: str) -> None:
         # trailing whitespace waits for more text: before a call or at the end it is never shown
@@ -298,7 +354,7 @@ async def prepare_chat(engine, compiler, messages: list[dict], options: ChatOpti
     anything is streamed."""
     from agentrt.grammar import Matcher
 
-    from agentrt.grammar import CallList, ToolCalls
+    from agentrt.grammar import ToolCalls
 
     prompt_ids = build_prompt(engine.tokenizer, messages, options)
     constraint = chat_constraint(options, **options.schema_options)
@@ -332,7 +388,7 @@ async def stream_chat(engine, prompt_ids: list[int], matcher, params) -> AsyncIt
     reply that would be cut mid-value ends complete, its last value shortened."""
     if matcher is not None:
         matcher.close_by(params.max_tokens)
-    splitter = ToolCallStream(getattr(matcher, "earlier", ()))
+    splitter = ToolCallStream(getattr(matcher, "earlier", ()), bare=isinstance(matcher, CallList))
     async for out in engine.stream(prompt_ids, params, matcher):
         for event in splitter.push(out.text):
             yield event

@@ -2,7 +2,8 @@
 
 The model writes a plan of tool calls under the plan grammar; each task starts the moment its line
 is parsed, independent lookups run at the same time, a calculator combines them, and the joiner
-answers. The same calls are then run one after another to show what the DAG saved.
+answers (by reference to the calculator's result). The same calls are then run one after another to show
+what the DAG saved.
 """
 
 from __future__ import annotations
@@ -18,13 +19,10 @@ from agentrt.tools import Tool, calculator, tool
 __all__ = ["QUESTION", "demo_tools", "plan_view", "run_demo"]
 
 QUESTION = "How many people live in Paris, Rome and Berlin together?"
-# A city argument must be a city the question names (the population tool's docstring grounds it,
-# planner.ground_tools): the example shows the plan's shape, its cities cannot be copied.
-EXAMPLES = """Question: How many people live in Madrid and Vienna together?
-1. population({"city": "Madrid"})
-2. population({"city": "Vienna"})
-3. calculator({"expression": "$1 + $2"})
-4. join()"""
+# No fixed worked examples: the planner derives them from the tools (a sum and a difference over
+# letter placeholders), the population tool's docstring grounds its city in the question, and the
+# plan grammar makes the plan look up every city the question names before it combines them
+# (planner.plan_grammar's `cover`) — the same path `Agent(mode="plan")` takes for any question.
 LOOKUP_SECONDS = 3.0
 # bounded thoughts and answers: a 135M model must still reach Finish(...) within max_tokens
 DEMO_LIMITS_KW = dict(max_tasks=6, max_thought_chars=60, max_answer_chars=120)  # each lookup stands for a call to a slow service
@@ -106,7 +104,7 @@ async def run_demo(engine, console, *, max_tokens: int = 160) -> dict:
     result: list = []
 
     async def go() -> None:
-        result.append(await planner.run_plan(QUESTION, llm, tools, examples=EXAMPLES, state=state, max_replans=0,
+        result.append(await planner.run_plan(QUESTION, llm, tools, state=state, max_replans=0,
                                              limits=DEMO_LIMITS))
 
     with Live(plan_view("", state, started), console=console, refresh_per_second=8) as live:

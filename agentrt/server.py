@@ -48,7 +48,7 @@ API_KEY_ENV = "AGENTRT_API_KEY"
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # what OpenAI accepts
 WARNINGS_HEADER = "x-agentrt-grammar-warnings"
 MAX_NESTING = 128  # objects and lists in one request field (the schema normaliser allows 64)
-_SEED_RANGE = (-(2**63), 2**64 - 1)  # what a torch generator takes
+_SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as vLLM takes it (torch generators take these)
 MAX_N = 16  # choices per request (each a request of its own; they share the prompt's KV pages)
 
 

@@ -50,7 +50,8 @@ class JsonSchema(Constraint):
     instead; `allow_undeclared=True` follows JSON Schema's default of admitting extra properties;
     `strict=True` applies OpenAI strict semantics; `max_string_length` / `max_number_digits` /
     `max_array_items` / `max_object_entries` cap every string, number, array and open object
-    (`{"type": "object"}` with no properties) so a weak model cannot stay inside one value forever.
+    (`{"type": "object"}` with no properties) so a weak model cannot stay inside one value forever;
+    `max_untyped_depth` caps how deep untyped values (`{}`, free-form objects and arrays) nest.
     A string cap costs ~10 ms of compile time a character (once per grammar; masks stay fast).
     """
 
@@ -66,6 +67,7 @@ class JsonSchema(Constraint):
         max_number_digits: int | None = None,
         max_array_items: int | None = None,
         max_object_entries: int | None = None,
+        max_untyped_depth: int | None = None,
     ) -> None:
         self.schema = _schema_dict(schema)
         self.separators = (separators[0], separators[1])
@@ -73,7 +75,8 @@ class JsonSchema(Constraint):
         self.allow_undeclared = allow_undeclared
         self.strict = strict
         caps = {"max_string_length": max_string_length, "max_number_digits": max_number_digits,
-                "max_array_items": max_array_items, "max_object_entries": max_object_entries}
+                "max_array_items": max_array_items, "max_object_entries": max_object_entries,
+                "max_untyped_depth": max_untyped_depth}
         for name, cap in caps.items():
             if cap is not None and (not isinstance(cap, int) or cap < 1):
                 raise GrammarError(f"{name} must be a positive integer or None, got {cap!r}", param=name)
@@ -81,6 +84,7 @@ class JsonSchema(Constraint):
         self.max_number_digits = max_number_digits
         self.max_array_items = max_array_items
         self.max_object_entries = max_object_entries
+        self.max_untyped_depth = max_untyped_depth
 
     def _identity(self) -> Any:
         return [
@@ -93,6 +97,7 @@ class JsonSchema(Constraint):
             self.max_number_digits,
             self.max_array_items,
             self.max_object_entries,
+            self.max_untyped_depth,
         ]
 
     def ebnf(self) -> tuple[str, list[str]]:
@@ -113,6 +118,7 @@ class JsonSchema(Constraint):
             max_number_digits=self.max_number_digits,
             max_array_items=self.max_array_items,
             max_object_entries=self.max_object_entries,
+            max_untyped_depth=self.max_untyped_depth,
         )
         return text, norm.warnings + missing
 

@@ -28,12 +28,14 @@ def json_schema_ebnf(
     max_number_digits: int | None = None,
     max_array_items: int | None = None,
     max_object_entries: int | None = None,
+    max_untyped_depth: int | None = None,
 ) -> tuple[str, list[str]]:
     """EBNF text for a normalised schema, and warnings about caps that could not be applied.
 
     `max_whitespace=None` allows no whitespace beyond `separators`; an integer allows any
     whitespace between tokens, at most that many characters in a row. The caps bound every
-    string, number, array and open object (a `minLength` / `minItems` above a cap wins).
+    string, number, array and open object (a `minLength` / `minItems` above a cap wins);
+    `max_untyped_depth` how deep arrays and objects nest inside an untyped value (`_cap_depth`).
     """
     any_ws = max_whitespace is not None and max_whitespace > 0
     try:
@@ -64,6 +66,8 @@ def json_schema_ebnf(
         rules.replace("basic_number_2", f'(("0") | ([1-9] [0-9]{{0, {n - 1}}}))')
         rules.replace("basic_number_3", f'("" | ("." basic_number_digits{{1, {n}}}))')
         rules.replace("basic_number_5", f'("" | ([eE] basic_number_4 basic_number_digits{{1, {min(n, 3)}}}))')
+    if max_untyped_depth is not None:
+        _cap_depth(rules, max_untyped_depth)
     text = rules.text()
     if max_number_digits is not None:  # typed numbers get rules of their own: cap those digits too
         n = max_number_digits
@@ -75,6 +79,32 @@ def json_schema_ebnf(
         if cap is not None:
             text = re.sub(rf"_{suffix}\{{(\d+), (-?\d+)\}}", functools.partial(_cap_repeat, suffix, cap - 1), text)
     return text, rules.missing
+
+
+_UNTYPED = ("basic_any", "basic_array", "basic_object", "basic_array_items", "basic_object_properties")
+
+
+def _cap_depth(rules: _Rules, depth: int) -> None:
+    """Untyped values (xgrammar's shared `basic_*` rules) nest at most `depth` containers: level i's
+    containers hold level i + 1 values, and the last level's containers are empty."""
+    bodies = {n: rules.body(n) for n in _UNTYPED}
+    if None in bodies.values():
+        rules.missing.append("untyped value rules not found; max_untyped_depth is not applied")
+        return
+
+    def level(name: str, i: int) -> str:
+        return name if i == 0 else name.replace("basic_", f"basic_l{i}_")  # `_items{..}` stays a suffix
+
+    for i in range(depth + 1):
+        if i == depth:  # the deepest level: scalars and empty containers only
+            rules.add(level("basic_array", i), '("[" "]")')
+            rules.add(level("basic_object", i), '("{" "}")')
+        for name in _UNTYPED if i < depth else ("basic_any",):
+            inner = i if name == "basic_any" else i + 1  # a container's values sit one level down
+            names = {n: level(n, inner) for n in ("basic_any",)}
+            names |= {n: level(n, i) for n in _UNTYPED if n != "basic_any"}
+            body = _rename(bodies[name], names)
+            (rules.replace if i == 0 else rules.add)(level(name, i), body)
 
 
 def _cap_repeat(suffix: str, cap: int, m: re.Match[str]) -> str:

@@ -81,6 +81,9 @@ TOOL_ARGUMENT_CAPS: dict[str, int | None] = {
     "max_number_digits": 16,
     "max_array_items": 16,
     "max_object_entries": 16,
+    # untyped values (`{}`, a free-form object or array): containers nest at most this deep, else a
+    # weak model opens `{"a": {"b": {...` until max_tokens (3 of 60 MaskBench schemas did)
+    "max_untyped_depth": 4,
 }
 
 

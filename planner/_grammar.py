@@ -9,13 +9,15 @@ Strings, numbers, arrays and whitespace are bounded so a weak model cannot run a
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from agentrt.errors import PlanError
+from agentrt.planner._ground import grounded_params
 from agentrt.tools import Tool, ToolRegistry
 
 __all__ = ["GrammarLimits", "plan_grammar", "react_grammar", "joiner_grammar"]
@@ -127,7 +129,21 @@ class _Builder:
             self.rule(f"{stem}_{i}", end if i == hi else _then([end], chars, f"{stem}_{i + 1}"))
         return f"{stem}_0"
 
-    def string_rule(self, allowed: frozenset[int], hi: int | None = None) -> str:
+    def string_rule(self, allowed: frozenset[int], hi: int | None = None, nonempty: bool = False) -> str:
+        """A JSON string (`_string_rule`); `nonempty` (a schema's minLength >= 1): at least one
+        character or reference — a longer minLength is checked when the tool runs."""
+        name = self._string_rule(allowed, hi)
+        if allowed:  # references: only the global bound applies (`_string_rule`)
+            v, hi = self.variant(allowed), self.limits.max_string_chars
+            sub, ref = f"jsub_v{v}{'' if hi is None else '_1'}", f" | interp_v{v} jtail_v{v}{'' if hi is None else '_1'}"
+        else:
+            hi = self.limits.max_string_chars if hi is None else hi
+            sub, ref = ("jsub" if hi is None else f"jchars_{hi}_1"), ""
+        if not nonempty or hi == 0:
+            return name
+        return self.rule(f"{name}_ne", '"\\"" (' + " | ".join(f"{c} {sub}" for c in _JCHARS) + ref + ")")
+
+    def _string_rule(self, allowed: frozenset[int], hi: int | None = None) -> str:
         """A JSON string; with references allowed, `$K.path` may be interpolated ("$1.n items") —
         never followed by a digit, so "$1" then "2" cannot read as "$12".
 
@@ -135,7 +151,7 @@ class _Builder:
         xgrammar 0.2.8 that keeps the token mask cache effective (~5 us a token), where `c*` or a
         bounded `c{lo,hi}` costs 20-250 ms. Length bounds (`lo`, `hi`: minLength / maxLength) are
         therefore not in the grammar; the tool's argument validation checks them and a violation
-        becomes an observation for the joiner.
+        becomes an observation for the joiner (`string_rule` adds minLength 1: a first character).
         """
         hi = self.limits.max_string_chars if hi is None else hi
         if not allowed:
@@ -171,19 +187,20 @@ class _Builder:
     def variant(self, allowed: frozenset[int]) -> int:
         return self._variants.setdefault(allowed, len(self._variants))
 
-    def args_rule(self, t: Tool, allowed: frozenset[int]) -> str:
-        """Rule for tool `t`'s argument object with references to `allowed` ids."""
+    def args_rule(self, t: Tool, allowed: frozenset[int], key: str = "") -> str:
+        """Rule for tool `t`'s argument object with references to `allowed` ids (`key` tells apart
+        copies of one tool whose schemas differ)."""
         v = self.variant(allowed)
-        name = f"args_v{v}_{t.name}"
+        name = f"args_v{v}_{t.name}{key}"
         if name not in self.rules:
             self.rules[name] = ""  # reserve (recursion)
-            emitter = _SchemaEmitter(self, t.parameters, f"v{v}_{t.name}", allowed)
+            emitter = _SchemaEmitter(self, t.parameters, f"v{v}_{t.name}{key}", allowed)
             self.rules[name] = emitter.value(t.parameters, top=True)
         return name
 
-    def task_rule(self, tid: int, tools: list[Tool], allowed: frozenset[int]) -> str:
-        calls = " | ".join(f'{_lit(t.name + "(")} {self.args_rule(t, allowed)} ")"' for t in tools)
-        return self.rule(f"task_{tid}", f'{_lit(f"{tid}. ")} ({calls})')
+    def task_rule(self, tid: int, tools: list[Tool], allowed: frozenset[int], key: str = "") -> str:
+        calls = " | ".join(f'{_lit(t.name + "(")} {self.args_rule(t, allowed, key)} ")"' for t in tools)
+        return self.rule(f"task_{tid}{key}", f'{_lit(f"{tid}. ")} ({calls})')
 
     def render(self, root: str) -> str:
         lim = self.limits
@@ -226,9 +243,10 @@ class _SchemaEmitter:
         if kind == "string":
             hi = node.get("maxLength")
             hi = int(hi) if isinstance(hi, int) and hi <= 64 else None
-            if "pattern" in node or "format" in node or "minLength" in node:
-                log.debug("string pattern/format/minLength is checked when the tool runs, not by the grammar")
-            return self.b.string_rule(self.allowed, hi)
+            lo = node.get("minLength", 0)
+            if "pattern" in node or "format" in node or (isinstance(lo, int) and lo > 1):
+                log.debug("string pattern/format/minLength > 1 is checked when the tool runs, not by the grammar")
+            return self.b.string_rule(self.allowed, hi, nonempty=isinstance(lo, int) and lo >= 1)
         if kind == "integer":
             return self._integer(node)
         if kind == "number":
@@ -324,6 +342,14 @@ def _tool_list(tools: ToolRegistry | Iterable[Tool]) -> list[Tool]:
     return out
 
 
+def _pinned(t: Tool, param: str, value: str) -> Tool:
+    """A copy of `t` whose `param` takes only `value`."""
+    pinned = copy.copy(t)
+    pinned.parameters = copy.deepcopy(t.parameters)
+    pinned.parameters["properties"][param]["enum"] = [value]
+    return pinned
+
+
 def plan_grammar(
     tools: ToolRegistry | Iterable[Tool],
     *,
@@ -331,26 +357,42 @@ def plan_grammar(
     known_ids: Iterable[int] | None = None,
     refs_within_plan: bool = True,
     limits: GrammarLimits = GrammarLimits(),
+    cover: Sequence[str] = (),
 ) -> str:
     """The xgrammar EBNF (root rule `root`) of a plan for these tools.
 
     Tasks are numbered from `first_id`; task N may reference `known_ids` (default: 1..first_id-1,
     the finished tasks of earlier rounds) and, if `refs_within_plan`, the tasks first_id..N-1.
     At most `limits.max_tasks` tasks, then `N. join()`.
+
+    `cover`: phrases of the question (`uncovered_phrases`) the plan must pass, in this order, to
+    the grounded parameter of a tool that has one (`grounded_params`) before it may make any other
+    call or end; a task so pinned is one lookup of the next phrase. Ignored when there are more
+    phrases than tasks, or no tool grounds exactly one parameter.
     """
     tool_list = _tool_list(tools)
     known = frozenset(range(1, first_id) if known_ids is None else known_ids)
+    lookups = [(t, p[0]) for t in tool_list if len(p := grounded_params(t)) == 1]
+    cover = list(cover) if lookups and len(cover) < limits.max_tasks else []
     b = _Builder(limits)
     last = first_id + limits.max_tasks
+
+    def seq(k: int) -> str:  # task k; while k - first_id < len(cover), that many phrases are covered
+        return f"seq_{k}" if k - first_id >= len(cover) else f"seq_{k}_c{k - first_id}"
+
     for k in range(first_id, last + 1):
         join = _lit(f"{k}. join()")
-        if k == last:
-            b.rule(f"seq_{k}", f"maybe_thought {join}")
-            break
-        allowed = known | frozenset(range(first_id, k)) if refs_within_plan else known
-        task = b.task_rule(k, tool_list, allowed)
-        b.rule(f"seq_{k}", f'maybe_thought ({join} | {task} "\\n" seq_{k + 1})')
-    return b.render(f"seq_{first_id}")
+        u = k - first_id
+        if k == last:  # out of tasks: the plan ends, covered or not
+            b.rule(seq(k), f"maybe_thought {join}")
+        elif u >= len(cover):
+            allowed = known | frozenset(range(first_id, k)) if refs_within_plan else known
+            task = b.task_rule(k, tool_list, allowed)
+            b.rule(seq(k), f'maybe_thought ({join} | {task} "\\n" {seq(k + 1)})')
+        else:  # the next phrase itself, not a reference
+            task = b.task_rule(k, [_pinned(t, p, cover[u]) for t, p in lookups], frozenset(), key=f"_c{u}")
+            b.rule(seq(k), f'maybe_thought {task} "\\n" {seq(k + 1)}')
+    return b.render(seq(first_id))
 
 
 def react_grammar(

@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterable
 
 from agentrt.planner._executor import ExecutionState
+from agentrt.planner._ground import grounded_params, question_phrases
 from agentrt.tools import Tool
 
 __all__ = ["tool_catalogue", "tool_examples", "planner_prompt", "joiner_prompt", "react_prompt"]
@@ -48,28 +49,52 @@ def _observations(state: ExecutionState) -> str:
     return "\n".join(lines)
 
 
-def tool_examples(tools: Iterable[Tool]) -> str:
-    """A worked plan shape built from the registered tools (not fixed content a model could copy):
-    one call per tool with placeholder values of the right types, a grounded argument (one its
-    docstring ties to the question) written as a placeholder the grammar will not let through, and a
-    calculator combining earlier results when there is one."""
-    from agentrt.planner._ground import _GROUNDED
+def _placeholders(t: Tool) -> dict:
+    """`t`'s required arguments as placeholder values of the right types."""
+    props = t.parameters.get("properties", {})
+    args = {}
+    for name in t.parameters.get("required", list(props)):
+        kind = props.get(name, {}).get("type")
+        args[name] = f"<{name}>" if kind == "string" else 2 if kind in ("integer", "number") else \
+            [] if kind == "array" else {}
+    return args
 
+
+def _worked(question: str, calls: list[str]) -> str:
+    lines = [f"Question: {question}"] + [f"{i}. {c}" for i, c in enumerate(calls, 1)]
+    return "\n".join(lines + [f"{len(calls) + 1}. join()"])
+
+
+def tool_examples(tools: Iterable[Tool], lookups: int = 2) -> str:
+    """Worked plans built from the registered tools (not fixed content a model could copy).
+
+    With a lookup tool (one argument its docstring grounds in the question) and a calculator: a sum
+    over `lookups` names and a difference of two, with the names as letters (the grammar only lets
+    the question's own names through). Otherwise a plan shape: one call per tool with placeholder
+    values, and a calculator combining earlier results when there is one."""
+    tools = list(tools)
+    calc = next((t for t in tools if t.name == "calculator"), None)
+    lookup = next(((t, p[0]) for t in tools if t is not calc and len(p := grounded_params(t)) == 1), None)
+    if calc is not None and lookup is not None:
+        t, param = lookup
+        subject = t.name.replace("_", " ")
+        names = [chr(ord("A") + i) for i in range(max(2, min(lookups, 6)))]
+
+        def calls(ns: list[str], expression: str) -> list[str]:
+            looked = [f"{t.name}({json.dumps({**_placeholders(t), param: n}, ensure_ascii=False)})" for n in ns]
+            return looked + [f"calculator({json.dumps({'expression': expression})})"]
+
+        together = f"{', '.join(names[:-1])} and {names[-1]}"
+        total = calls(names, " + ".join(f"${i}" for i in range(1, len(names) + 1)))
+        diff = calls(names[:2], "$1 - $2")
+        return "\n\n".join([_worked(f"What is the {subject} of {together} together?", total),
+                             _worked(f"How much more is the {subject} of A than that of B?", diff)])
     lines: list[str] = []
-    calc = None
     for t in tools:
-        if t.name == "calculator":
-            calc = t
+        if t is calc:
             continue
-        props = t.parameters.get("properties", {})
-        args = {}
-        for name in t.parameters.get("required", list(props)):
-            kind = props.get(name, {}).get("type")
-            doc = t.param_docs.get(name, "")
-            args[name] = ("<" + name + " from the question>" if _GROUNDED.search(doc) else f"<{name}>") \
-                if kind == "string" else 2 if kind in ("integer", "number") else [] if kind == "array" else {}
         for _ in range(2 if calc is None and len(lines) < 2 else 1):
-            lines.append(f"{len(lines) + 1}. {t.name}({json.dumps(args, ensure_ascii=False)})")
+            lines.append(f"{len(lines) + 1}. {t.name}({json.dumps(_placeholders(t), ensure_ascii=False)})")
     if calc is not None and lines:
         refs = " + ".join(f"${i}" for i in range(1, len(lines) + 1))
         lines.append(f'{len(lines) + 1}. calculator({{"expression": "{refs}"}})')
@@ -93,8 +118,8 @@ def planner_prompt(
     rules = _PLAN_RULES.format(a=first_id, b=first_id + 1, c=first_id + 2, parallel=parallel, b_arg=b_arg)
     if examples:
         rules = rules[:rules.index("Example:")] + "Examples:\n" + examples.strip()
-    elif not parallel_only and (shape := tool_examples(tools)):
-        rules = rules[:rules.index("Example:")] + "Example:\n" + shape
+    elif not parallel_only and (shape := tool_examples(tools, len(question_phrases(question)))):
+        rules = rules[:rules.index("Example:")] + ("Examples:\n" if "Question:" in shape else "Example:\n") + shape
     parts = [f"Tools:\n{tool_catalogue(tools)}", rules]
     if obs := _observations(state):
         parts.append(obs)

@@ -94,6 +94,44 @@ def test_constraint_choice():
     assert chat_constraint(ChatOptions()) is None
     assert isinstance(chat_constraint(ChatOptions(tools=tools)), grammar.ToolCalls)
     assert chat_constraint(ChatOptions(tools=tools, tool_choice="none")) is None
-    assert isinstance(chat_constraint(ChatOptions(response_format={"type": "json_object"})), grammar.Json)
+    obj = chat_constraint(ChatOptions(response_format={"type": "json_object"}))  # an object, with the caps
+    assert isinstance(obj, grammar.JsonSchema) and obj.schema == {"type": "object"}
     with pytest.raises(InvalidRequestError):
         chat_constraint(ChatOptions(response_format={"type": "xml"}))
+
+
+BARE = [  # the forms Qwen2.5's chat template teaches, written without the tags
+    ('{"name": "add", "arguments": {"a": 5, "b": -3}}', [("add", {"a": 5, "b": -3})]),
+    ('```json\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n```', [("add", {"a": 1, "b": 2})]),
+    ('[{"name": "f", "arguments": {}}, {"name": "g", "arguments": "{\\"x\\": 1}"}]', [("f", {}), ("g", {"x": 1})]),
+    ('{"name": "f", "arguments": {"x": 1}}\n{"name": "g", "arguments": {}}', [("f", {"x": 1}), ("g", {})]),
+]
+
+
+@pytest.mark.parametrize("text, calls", BARE)
+def test_bare_json_calls_are_calls_when_tools_were_offered(text, calls):
+    for cut in (1, 5, len(text) // 2):
+        s = ToolCallStream(bare=True)
+        events = [e for c in (text[:cut], text[cut:]) for e in s.push(c)] + s.finish()
+        assert [(c.name, json.loads(c.arguments)) for c in s.calls] == calls and s.content == ""
+        assert [e.name for e in events if e.kind == "call_start"] == [n for n, _ in calls]
+        assert not [e for e in events if e.kind == "content"]
+    plain = ToolCallStream()  # no tools offered (a JSON reply): content as written
+    plain.push(text)
+    plain.finish()
+    assert not plain.calls and plain.content == text.strip()
+
+
+@pytest.mark.parametrize("text", ['{"name": "f"}', '{"a": 1}', "The answer is 4.", '{"name": "f", "arguments": 3}',
+                                  '{"name": "f", "arguments": {}} and more'])
+def test_text_that_is_not_only_calls_stays_content(text):
+    s = ToolCallStream(bare=True)
+    events = s.push(text) + s.finish()
+    assert not s.calls and s.content == text == "".join(e.text for e in events)
+
+
+def test_a_bare_repeat_of_an_earlier_call_is_dropped():
+    s = ToolCallStream([("add", {"a": 1})], bare=True)
+    s.push('{"name": "add", "arguments": {"a": 1}}\n{"name": "add", "arguments": {"a": 2}}')
+    s.finish()
+    assert [json.loads(c.arguments) for c in s.calls] == [{"a": 2}] and s.refused == 1

@@ -200,3 +200,20 @@ def test_completion_requests_openai_refuses_are_400s(api, kwargs, param):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="tiny-random", **{"prompt": "Hello", "max_tokens": 3, **kwargs})
     assert err.value.body["param"] == param
+
+
+def test_leaving_an_n_stream_early_frees_every_choice(api):
+    import time
+
+    client, engine = api
+    stream = client.chat.completions.create(model="tiny-random", messages=MSGS, max_tokens=400, temperature=1.0,
+                                            n=3, seed=1, stream=True)
+    for count, _ in enumerate(stream):  # the three role chunks, then the choices decoding side by side
+        if count == 12:
+            break
+    stream.close()
+    for _ in range(200):
+        if engine.num_active == 0 and engine.pool.num_in_use == 0:
+            break
+        time.sleep(0.05)
+    assert engine.num_active == 0 and engine.pool.num_in_use == 0

@@ -76,6 +76,28 @@ def test_tool_calls_cap_arguments_by_default_and_a_cap_turns_off(byte_accepts):
     assert byte_accepts(ToolCalls([LOOKUP], "required", max_string_length=None), text.format("x" * (limit + 1)))
 
 
+def _nested(depth: int) -> object:
+    value: object = 1
+    for i in range(depth):
+        value = {"k": value} if i % 2 else [value, 2]
+    return value
+
+
+def test_untyped_values_nest_only_as_deep_as_the_cap(byte_accepts):
+    schema = {"type": "object", "properties": {"any": {}, "obj": {"type": "object"}}}
+    capped = JsonSchema(schema, max_untyped_depth=3)
+    for key, wrap in (("any", lambda v: v), ("obj", lambda v: {"k": v})):  # an open object's values are untyped
+        for depth in range(1, 4):
+            assert byte_accepts(capped, json.dumps({key: wrap(_nested(depth))}, separators=(",", ":"))), (key, depth)
+        assert not byte_accepts(capped, json.dumps({key: wrap(_nested(4))}, separators=(",", ":"))), key
+        assert byte_accepts(JsonSchema(schema), json.dumps({key: wrap(_nested(9))}, separators=(",", ":")))
+    assert byte_accepts(capped, '{"any":[[[{}]]]}')  # the deepest level still takes empty containers
+    # tool arguments and json_object replies have the cap by default
+    deep = {"name": "record", "arguments": {**{"q": "", "tags": [], "n": 1}, "meta": {"k": _nested(9)}}}
+    assert not byte_accepts(ToolCalls([EVERYTHING], "required"),
+                            "<tool_call>" + json.dumps(deep, separators=(",", ":")) + "</tool_call>")
+
+
 def test_the_tools_of_a_request_share_one_string_chain():
     tools = [dict(LOOKUP, name=f"lookup_{i}") for i in range(3)] + [EVERYTHING]
     tag, _ = ToolCalls(tools, "required", max_string_length=16).structural_tag()

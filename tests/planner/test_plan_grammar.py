@@ -118,6 +118,18 @@ def test_task_cap(compiler, tokenizer) -> None:
     assert not accepts(compiler, tokenizer, grammar, three)
 
 
+def test_a_string_with_min_length_one_cannot_be_empty(compiler, tokenizer) -> None:
+    # calculator's expression has minLength 1: empty is refused with and without references and bounds
+    for limits in (GrammarLimits(), GrammarLimits(max_string_chars=8)):
+        grammar = plan_grammar([calculator], limits=limits)
+        assert not accepts(compiler, tokenizer, grammar, '1. calculator({"expression": ""})\n2. join()')
+        assert accepts(compiler, tokenizer, grammar, '1. calculator({"expression": "2"})\n2. join()')
+        assert not accepts(compiler, tokenizer, grammar, '1. calculator({"expression": "1"})\n'
+                           '2. calculator({"expression": ""})\n3. join()')  # task 2 may interpolate $1
+        assert accepts(compiler, tokenizer, grammar, '1. calculator({"expression": "1"})\n'
+                       '2. calculator({"expression": "$1"})\n3. calculator({"expression": "$2 + 1"})\n4. join()')
+
+
 def test_replan_numbering_and_known_ids(compiler, tokenizer) -> None:
     # round two starts at 4; tasks 1 and 3 finished (2 failed, so it cannot be referenced)
     grammar = plan_grammar(TOOLS, first_id=4, known_ids={1, 3})

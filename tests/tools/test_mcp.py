@@ -141,7 +141,13 @@ def test_agent_runs_on_the_server_use_mcp_tools(smol_engine):
     assert status == 200
     ends = [e for e in events if e["type"] == "tool_end"]
     assert ends and all(e["tool"] == "add" for e in ends)
-    assert any(e["ok"] and e["observation"] == "19" for e in ends)
+    args = {e["id"]: e["args"] for e in events if e["type"] == "task"}
+    ran = [e for e in ends if e["ok"]]
+    assert ran  # the MCP server answered (what the 135M model adds up is its own business)
+    for e in ran:
+        a, b = args[e["id"]]["a"], args[e["id"]]["b"]
+        if isinstance(a, int) and isinstance(b, int):
+            assert e["observation"] == str(a + b)
 
 
 def test_agentrt_serve_mcp_starts_the_server_and_stops_it_on_exit(tmp_path):
