@@ -9,6 +9,7 @@ over one cache. `output_type` makes the final answer a value decoded under its J
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -276,9 +277,12 @@ class Agent(Generic[T]):
         params, state = self.params, planner.ExecutionState()
         send, receive = anyio.create_memory_object_stream[AgentEvent](math.inf)
 
+        calls = itertools.count()
+
         async def llm_text(text: str, grammar: str | None) -> AsyncIterator[str]:
+            call = next(calls)
             async for chunk in self.backend.text(text, grammar, params):
-                send.send_nowait(PlanDelta(chunk))
+                send.send_nowait(PlanDelta(chunk, call))
                 yield chunk
 
         def on_span(kind: str, span) -> None:  # the executor's trace, on this event loop

@@ -13,10 +13,16 @@ import time
 from importlib import resources
 
 import anyio
+from rich.live import Live
 
+from agentrt import planner
+from agentrt.agent import Agent
+from agentrt.backends import LocalBackend
+from agentrt.events import Final
 from agentrt.tools import Tool, calculator, tool
+from agentrt.views import PlanBoard, plan_view
 
-__all__ = ["QUESTION", "demo_tools", "plan_view", "run_demo"]
+__all__ = ["QUESTION", "demo_tools", "run_demo"]
 
 QUESTION = "How many people live in Paris, Rome and Berlin together?"
 # No fixed worked examples: the planner derives them from the tools (a sum and a difference over
@@ -51,80 +57,39 @@ def demo_tools(latency: float = LOOKUP_SECONDS) -> list[Tool]:
     return [population, calculator]
 
 
-def plan_view(plan_text: str, state, started: float):
-    """A plan being decoded and its tasks (status, start, duration): shared with `agentrt chat`."""
-    from rich.console import Group
-    from rich.panel import Panel
-    from rich.spinner import Spinner
-    from rich.table import Table
-
-    table = Table(title="tasks (run as soon as their line is parsed)", expand=True)
-    for col in ("#", "call", "deps", "status", "start s", "time s"):
-        table.add_column(col)
-    for tid, task in sorted(state.tasks.items()):
-        span = state.trace.spans.get(tid)
-        result = state.results.get(tid)
-        if result is not None:
-            status = "[green]ok[/] " + result.observation(40) if result.ok else f"[red]{result.kind}[/]"
-        elif span is not None and span.start is not None:
-            status = Spinner("dots", text="running")
-        else:
-            status = "waiting"
-        args = json.dumps(task.to_json()["args"], ensure_ascii=False)
-        start = f"{span.start:.2f}" if span is not None and span.start is not None else ""
-        took = f"{span.duration:.2f}" if span is not None and span.end is not None else ""
-        table.add_row(str(tid), f"{task.tool}({args})", ",".join(map(str, sorted(task.deps))) or "-", status,
-                      start, took)
-    plan = Panel(plan_text or "…", title=f"plan being decoded ({time.perf_counter() - started:.1f}s)")
-    return Group(plan, table)
-
-
 async def run_demo(engine, console, *, max_tokens: int = 160) -> dict:
-    """Run the demo on `engine`, rendering to `console`; returns the timings."""
-    from rich.live import Live
-
-    from agentrt import planner
-    from agentrt.backends import LocalBackend
-    from agentrt.sampling import SamplingParams
-
-    backend = LocalBackend(engine)
+    """Run the demo on `engine` as `Agent(mode="plan")` does, drawing its events on `console`; returns the
+    answer and the timings."""
     tools = demo_tools()
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    plan_text: list[str] = []
-
-    async def llm(prompt: str, grammar: str | None):
-        plan_text.clear()
-        async for chunk in backend.text(prompt, grammar, params):
-            plan_text.append(chunk)
-            yield chunk
-
-    DEMO_LIMITS = planner.GrammarLimits(**DEMO_LIMITS_KW)
-    state = planner.ExecutionState()
-    started = time.perf_counter()
+    limits = planner.GrammarLimits(**DEMO_LIMITS_KW)
+    agent = Agent(LocalBackend(engine), tools, mode="plan", max_tokens=max_tokens,
+                  plan_options={"max_replans": 0, "limits": limits})
+    board = PlanBoard()
     result: list = []
 
-    async def go() -> None:
-        result.append(await planner.run_plan(QUESTION, llm, tools, state=state, max_replans=0,
-                                             limits=DEMO_LIMITS))
+    async def follow() -> None:
+        async for ev in agent.stream(QUESTION):
+            board.add(ev)
+            if isinstance(ev, Final):
+                result.append(ev.result)
 
-    with Live(plan_view("", state, started), console=console, refresh_per_second=8) as live:
+    with Live(plan_view(board), console=console, refresh_per_second=8) as live:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(go)
+            tg.start_soon(follow)
             while not result:
-                live.update(plan_view("".join(plan_text), state, started))
+                live.update(plan_view(board))
                 await anyio.sleep(0.125)
-        live.update(plan_view(result[0].outputs[0] if result[0].outputs else "", state, started))
-    total = time.perf_counter() - started
-    run = result[0]
-    tools_parallel = state.trace.makespan()
+        live.update(plan_view(board, call=0))  # the plan, not the joiner's answer
+    total = time.perf_counter() - board.origin
+    tools_parallel, _ = board.tool_seconds()
 
     # the same calls, one after another
     by_name = {t.name: t for t in tools}
     t0 = time.perf_counter()
-    for tid in sorted(state.tasks):
-        if tid in state.resolved_args:
-            await by_name[state.tasks[tid].tool].invoke(state.resolved_args[tid])
+    for task in board.tasks.values():
+        if task.resolved is not None:
+            await by_name[task.tool].invoke(task.resolved)
     tools_sequential = time.perf_counter() - t0
-    return {"answer": run.answer, "total_s": total, "tools_parallel_s": tools_parallel,
-            "tools_sequential_s": tools_sequential, "tasks": len(state.tasks),
-            "ok": sum(r.ok for r in state.results.values())}
+    return {"answer": result[0].text, "total_s": total, "tools_parallel_s": tools_parallel,
+            "tools_sequential_s": tools_sequential, "tasks": len(board.tasks),
+            "ok": sum(bool(t.ok) for t in board.tasks.values())}

@@ -22,6 +22,7 @@ class PlanDelta:
     """Plan, dta and react modes: the planner's (or joiner's) text as it is decoded."""
 
     text: str
+    call: int = 0  # which model call of the run it comes from (the plan, its joiner, a replan, ...)
 
 
 @dataclass
@@ -86,7 +87,7 @@ def wire_event(ev: AgentEvent, observation_chars: int = 1000) -> dict[str, Any] 
             out["seconds"] = ev.seconds
         return out
     if isinstance(ev, PlanDelta):
-        return {"type": "plan_delta", "text": ev.text}
+        return {"type": "plan_delta", "text": ev.text, "call": ev.call}
     if isinstance(ev, TextDelta):
         return {"type": "text_delta", "text": ev.text}
     if isinstance(ev, Final):

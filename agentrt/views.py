@@ -25,6 +25,7 @@ class BoardTask:
     tool: str
     args: Any
     deps: list[str]
+    resolved: Any = None  # the arguments it ran with (references filled in)
     start: float | None = None  # seconds since the board began
     seconds: float | None = None
     ok: bool | None = None
@@ -33,24 +34,31 @@ class BoardTask:
 
 @dataclass
 class PlanBoard:
-    """A plan run as its events tell it: the decoded text and each task's state and times."""
+    """A plan run as its events tell it: each model call's decoded text and each task's state and times."""
 
-    text: list[str] = field(default_factory=list)
+    texts: dict[int, list[str]] = field(default_factory=dict)  # model call -> its text pieces
     tasks: dict[str, BoardTask] = field(default_factory=dict)
     origin: float = field(default_factory=time.perf_counter)
 
     def add(self, ev: AgentEvent) -> None:
         if isinstance(ev, PlanDelta):
-            self.text.append(ev.text)
+            self.texts.setdefault(ev.call, []).append(ev.text)
         elif isinstance(ev, TaskPlanned):
             self.tasks[ev.call_id] = BoardTask(ev.call_id, ev.name, ev.arguments, ev.deps)
         elif isinstance(ev, ToolStart) and ev.call_id in self.tasks:
-            self.tasks[ev.call_id].start = time.perf_counter() - self.origin
+            t = self.tasks[ev.call_id]
+            t.start, t.resolved = time.perf_counter() - self.origin, ev.arguments
         elif isinstance(ev, ToolEnd) and ev.call_id in self.tasks:
             t = self.tasks[ev.call_id]
             t.ok, t.observation = ev.ok, ev.observation
             t.seconds = ev.seconds if ev.seconds is not None else (
                 time.perf_counter() - self.origin - (t.start or 0.0))
+
+    def text(self, call: int | None = None) -> str:
+        """The text of model call `call` (None: the latest)."""
+        if not self.texts:
+            return ""
+        return "".join(self.texts.get(max(self.texts) if call is None else call, []))
 
     def tool_seconds(self) -> tuple[float, float]:
         """(wall time from the first tool start to the last tool end, the sum of the tools' times)."""
@@ -61,8 +69,8 @@ class PlanBoard:
         return wall, sum(t.seconds for t in done)
 
 
-def plan_view(board: PlanBoard) -> RenderableType:
-    """The plan being decoded and its tasks (status, start, duration)."""
+def plan_view(board: PlanBoard, call: int | None = None) -> RenderableType:
+    """The plan being decoded (model call `call`, None: the latest) and its tasks (status, start, duration)."""
     table = Table(title="tasks (run as soon as their line is parsed)", expand=True)
     for col in ("#", "call", "deps", "status", "start s", "time s"):
         table.add_column(col)
@@ -78,7 +86,7 @@ def plan_view(board: PlanBoard) -> RenderableType:
         took = f"{t.seconds:.2f}" if t.seconds is not None else ""
         table.add_row(t.id, escape(f"{t.tool}({args})"), ",".join(t.deps) or "-", status, start, took)
     elapsed = time.perf_counter() - board.origin
-    plan = Panel(escape("".join(board.text)) or "…", title=f"plan being decoded ({elapsed:.1f}s)")
+    plan = Panel(escape(board.text(call)) or "…", title=f"plan being decoded ({elapsed:.1f}s)")
     return Group(plan, table)
 
 
