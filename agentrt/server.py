@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 8 << 20
 API_KEY_ENV = "AGENTRT_API_KEY"
+COMPILE_TIMEOUT_ENV = "AGENTRT_COMPILE_TIMEOUT"
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # what OpenAI accepts
 WARNINGS_HEADER = "x-agentrt-grammar-warnings"
 MAX_NESTING = 128  # objects and lists in one request field (the schema normaliser allows 64)
@@ -199,14 +200,17 @@ class AgentRunRequest(BaseModel):
 
 
 def create_app(engine, *, api_key: str | None = None, model_names: list[str] | None = None,
-               tools: list | None = None, compile_timeout: float = 30.0) -> FastAPI:
+               tools: list | None = None, compile_timeout: float | None = None) -> FastAPI:
     """An app serving `engine` (an agentrt Engine). `model_names`: the ids clients may ask for;
     `tools`: what `POST /v1/agent/runs` may call (side-effecting tools are always refused here);
-    `compile_timeout`: seconds a request's grammar may take to compile before it is stopped (a 400)."""
+    `compile_timeout`: seconds a request's grammar may take to compile before it is stopped (a 400;
+    default $AGENTRT_COMPILE_TIMEOUT or 30: a large vocabulary on a busy CPU may need more)."""
     from agentrt.backends import LocalBackend
     from agentrt.grammar import GrammarCompiler
 
     names = model_names or [engine.name or "agentrt"]
+    if compile_timeout is None:
+        compile_timeout = float(os.environ.get(COMPILE_TIMEOUT_ENV, 30.0))
     # compiles in worker processes, killed at their deadline, two at a time
     compiler = GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size, isolate=True,
                                timeout=compile_timeout)
@@ -224,6 +228,7 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
 
     app = FastAPI(title="agentrt", version="0.1.0", lifespan=lifespan)
     app.state.engine = engine
+    app.state.compiler = compiler
     created = int(time.time())
 
     app.add_middleware(_Guard, api_key=api_key)

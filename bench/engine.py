@@ -62,11 +62,12 @@ def ours_decode(engine, prompts: list[list[int]], tokens: int) -> float:
     return (t1 - t0) / max(s1 - s0, 1) * 1000
 
 
-def ours_prefill(engine, prompt: list[int], repeats: int) -> float:
+def ours_prefill(engine, prompt: list[int], repeats: int, salt: int = 0) -> float:
+    """Prompt tokens/s of a fresh prefill (each repeat's ids shifted, by `salt` too, so none is cached)."""
 
     times = []
     for r in range(repeats):
-        p = [prompt[0] + 0] + [(t + r + 1) % 40000 + 10 for t in prompt[1:]]  # defeat the prefix cache
+        p = [prompt[0] + 0] + [(t + salt + r + 1) % 40000 + 10 for t in prompt[1:]]  # defeat the prefix cache
         t0 = time.perf_counter()
         engine.generate_sync(p, SamplingParams(max_tokens=1))
         times.append(time.perf_counter() - t0)
@@ -218,7 +219,7 @@ def peer_rows(engine, model_name: str, tokens: int, batches: list[int], repeats:
         add("agentrt", "decode b1", ours_decode(engine, [one], tokens))
         add("llama.cpp", "decode b1", peer.decode(one, tokens))
         for name, p in prompts.items():
-            add("agentrt", f"prefill {name}", ours_prefill(engine, p, 1))
+            add("agentrt", f"prefill {name}", ours_prefill(engine, p, 1, salt=1000 + 7 * r + len(p)))
             add("llama.cpp", f"prefill {name}", peer.prefill(p))
         for batch in batches:
             if batch > 1:

@@ -17,6 +17,12 @@ QUESTIONS = [  # (question, expected number)
     ("What is 12 plus 30 plus 7?", 49),
     ("How many people live in Lisbon and Dublin together?", 567131 + 592713),
     ("How many more people live in Warsaw than in Prague?", 1863056 - 1384732),
+    ("What is 45 times 12?", 540),
+    ("What is 1000 minus 357?", 643),
+    ("What is 81 divided by 9 plus 6?", 15),
+    ("What is 7 times 8 times 9?", 504),
+    ("What is the population of Vienna plus 1000?", 1982097 + 1000),
+    ("How many people live in Madrid, Athens and Dublin together?", 3332035 + 643452 + 592713),
 ]
 # plan-mode questions in the demo's style over other cities (neither the demo's nor its example's)
 PLAN_QUESTIONS = [
@@ -25,6 +31,17 @@ PLAN_QUESTIONS = [
     ("What is the combined population of Rome and Lisbon?", 2748109 + 567131),
     ("By how many people does Berlin outnumber Athens?", 3878100 - 643452),
     ("How many people live in Prague and Warsaw together?", 1384732 + 1863056),
+    # ten more for issue 13's count (sums of two to four cities, differences phrased four ways)
+    ("How many people live in Madrid and Dublin together?", 3332035 + 592713),
+    ("What is the total population of Vienna, Prague and Lisbon?", 1982097 + 1384732 + 567131),
+    ("How many more people live in Madrid than in Vienna?", 3332035 - 1982097),
+    ("How many fewer people live in Dublin than in Athens?", 643452 - 592713),
+    ("What is the difference between the populations of Berlin and Warsaw?", 3878100 - 1863056),
+    ("Add up the populations of Rome, Athens and Dublin.", 2748109 + 643452 + 592713),
+    ("If you combine Lisbon and Warsaw, how many people is that?", 567131 + 1863056),
+    ("How much bigger is Paris than Prague in population?", 2102650 - 1384732),
+    ("What do Vienna and Athens have in population combined?", 1982097 + 643452),
+    ("How many people live in Berlin, Madrid, Rome and Vienna altogether?", 3878100 + 3332035 + 2748109 + 1982097),
 ]
 MODES = ["chat", "plan", "dta", "react", "thread", "hogwild"]
 

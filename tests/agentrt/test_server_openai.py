@@ -217,3 +217,11 @@ def test_leaving_an_n_stream_early_frees_every_choice(api):
             break
         time.sleep(0.05)
     assert engine.num_active == 0 and engine.pool.num_in_use == 0
+
+
+def test_the_compile_timeout_comes_from_the_environment(api, monkeypatch):
+    _, engine = api
+    assert create_app(engine).state.compiler.timeout == 30.0
+    monkeypatch.setenv("AGENTRT_COMPILE_TIMEOUT", "120")  # a 151k vocabulary on a busy CPU
+    assert create_app(engine).state.compiler.timeout == 120.0
+    assert create_app(engine, compile_timeout=5).state.compiler.timeout == 5
