@@ -276,26 +276,26 @@ class Agent(Generic[T]):
         out as events while it goes."""
         params, state = self.params, planner.ExecutionState()
         send, receive = anyio.create_memory_object_stream[AgentEvent](math.inf)
-
-        calls = itertools.count()
+        model_calls, ends = itertools.count(), {}
 
         async def llm_text(text: str, grammar: str | None) -> AsyncIterator[str]:
-            call = next(calls)
+            call = next(model_calls)
             async for chunk in self.backend.text(text, grammar, params):
                 send.send_nowait(PlanDelta(chunk, call))
                 yield chunk
 
         def on_span(kind: str, span) -> None:  # the executor's trace, on this event loop
-            tid = str(span.task_id)
+            tid, task = str(span.task_id), state.tasks[span.task_id]
             if kind == "task":
-                task = state.tasks[span.task_id]
-                send.send_nowait(TaskPlanned(tid, span.tool, task.to_json()["args"], [str(d) for d in sorted(task.deps)]))
+                ev = TaskPlanned(tid, span.tool, task.to_json()["args"], [str(d) for d in sorted(task.deps)])
             elif kind == "start":
                 args = state.resolved_args.get(span.task_id)
-                send.send_nowait(ToolStart(tid, span.tool, args if isinstance(args, dict) else {}))
-            elif kind == "end":
+                ev = ToolStart(tid, span.tool, args if isinstance(args, dict) else {})
+            else:
                 r = state.results[span.task_id]
-                send.send_nowait(ToolEnd(tid, span.tool, r.ok, r.observation(), r.value, round(span.duration, 4)))
+                ev = ends[span.task_id] = ToolEnd(tid, span.tool, r.ok, r.observation(), r.value,
+                                                  round(span.duration, 4))
+            send.send_nowait(ev)
 
         async def forward() -> None:
             async with receive:
@@ -314,13 +314,9 @@ class Agent(Generic[T]):
             with send:
                 run = await runner(question, llm_text, self.registry, tool_top_k=self.tool_top_k, state=state,
                                    **kwargs)
-        calls = []
-        for tid, task in sorted(run.state.tasks.items()):
-            r = run.state.results.get(tid)
-            if r is not None:
-                calls.append(ToolEnd(str(tid), task.tool, r.ok, r.observation(), r.value))
         answer = run.answer or ""
         await emit(TextDelta(answer))
+        calls = [ends[tid] for tid in sorted(ends)]
         return answer, calls, [{"role": "assistant", "content": o} for o in run.outputs], run.rounds
 
     async def _hogwild(self, prompt: str, emit: Callable, stats: dict
