@@ -30,7 +30,7 @@ TREE_SEPARATORS = (", ", ": ")
 _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]|[A-Za-z_][A-Za-z0-9_]*|.', re.DOTALL)
 
 
-def _namespaced(ebnf: str, prefix: str) -> str:
+def namespaced(ebnf: str, prefix: str) -> str:
     """`ebnf` with every rule name (definitions and references) prefixed by `prefix`."""
     out = []
     for m in _TOKEN.finditer(ebnf):
@@ -113,7 +113,7 @@ class ThreadSchema(Constraint):
                 text, ws = JsonSchema(schema, separators=self.separators, **options).ebnf()
             except GrammarError as e:
                 raise GrammarError(f"{what}: {e}", param=param) from e
-            parts.append(_namespaced(text, prefix))
+            parts.append(namespaced(text, prefix))
             warnings.extend(f"{what}: {w}" for w in ws)
             return prefix + "root"
 

@@ -12,7 +12,7 @@ from typing import Any
 import xgrammar as xgr
 
 from agentrt.grammar import Constraint, JsonSchema
-from agentrt.threads._schema import TREE_SEPARATORS, _namespaced
+from agentrt.threads._schema import TREE_SEPARATORS, namespaced
 
 __all__ = ["ShapeTask", "TreeShape"]
 
@@ -77,7 +77,7 @@ class TreeShape(Constraint):
         root = (f'{json.dumps("{" + json.dumps("reasoning") + colon + "[")} {body} '
                 f'{json.dumps("]" + comma + json.dumps("answer") + colon)} {text(self.answer_chars)} "}}"')
         lines = "\n".join(f"{k} ::= {v}" for k, v in rules.items())
-        return xgr.Grammar.from_ebnf(f"root ::= {root}\n{lines}\n{_namespaced(result, 'res_')}"), []
+        return xgr.Grammar.from_ebnf(f"root ::= {root}\n{lines}\n{namespaced(result, 'res_')}"), []
 
 
 def _shape_json(tasks: list[ShapeTask] | None) -> Any:
