@@ -477,7 +477,7 @@ def test_engine_errors_inside_the_task_group_are_openai_shaped(tiny_engine, monk
         raise EngineError("the engine fell over")
         yield  # an async generator, like the real one
 
-    monkeypatch.setattr("agentrt.server.stream_chat", broken)
+    monkeypatch.setattr("agentrt.server._choices.stream_chat", broken)
     app = create_app(tiny_engine, model_names=["tiny-random"])
     r = post(app, OK)
     assert r.status_code == 500 and r.json()["error"] == {"message": "the engine fell over", "type": "server_error",

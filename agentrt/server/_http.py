@@ -1,0 +1,125 @@
+"""OpenAI-shaped errors, the body-size and API-key guard, and SSE framing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+
+import anyio
+from fastapi.responses import JSONResponse
+
+from agentrt.errors import (
+    AgentrtError,
+    ContextLengthError,
+    EngineClosedError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    OverloadedError,
+)
+from agentrt.server._protocol import MAX_BODY_BYTES
+
+log = logging.getLogger(__name__)
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
+
+
+def error_for(exc: AgentrtError) -> JSONResponse:
+    if isinstance(exc, ModelNotFoundError):
+        return error_response(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, ContextLengthError):
+        return error_response(400, str(exc), param=exc.param, code="context_length_exceeded")
+    if isinstance(exc, InvalidRequestError):
+        return error_response(400, str(exc), param=exc.param)
+    if isinstance(exc, (EngineClosedError, OverloadedError)):
+        return error_response(503, str(exc), type_="server_error", code="overloaded" if isinstance(exc, OverloadedError) else None)
+    return error_response(500, str(exc), type_="server_error")
+
+
+def leaf_error(exc: BaseException) -> BaseException:
+    """The error inside task-group wrappers: the first agentrt error of an ExceptionGroup, else its first."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = next((e for e in exc.exceptions if isinstance(leaf_error(e), AgentrtError)), exc.exceptions[0])
+    return exc
+
+
+def error_of(exc: BaseException) -> JSONResponse:
+    """Any exception as an OpenAI-shaped error: agentrt errors by kind, anything else a 500."""
+    exc = leaf_error(exc)
+    if isinstance(exc, AgentrtError):
+        return error_for(exc)
+    log.error("internal error: %r", exc, exc_info=exc)
+    return error_response(500, f"internal error: {type(exc).__name__}", type_="server_error")
+
+
+class Guard:
+    """Body-size limit and API key, as plain ASGI (BaseHTTPMiddleware would hide client disconnects).
+
+    A body without Content-Length (chunked) is read here, up to the limit, and handed on whole."""
+
+    def __init__(self, app, api_key: str | None) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) > MAX_BODY_BYTES:
+                return await too_large(f"{length} bytes")(scope, receive, send)
+            if self.api_key is not None and scope["path"].startswith("/v1/"):
+                if not secrets.compare_digest(headers.get("authorization", ""), f"Bearer {self.api_key}"):
+                    return await error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                        code="invalid_api_key")(scope, receive, send)
+            if not length.isdigit() and scope.get("method") in ("POST", "PUT", "PATCH"):
+                body = bytearray()
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # the client left before its body arrived
+                    body += message.get("body", b"")
+                    if len(body) > MAX_BODY_BYTES:
+                        return await too_large("more bytes")(scope, receive, send)
+                    if not message.get("more_body", False):
+                        break
+                receive = replay_body(bytes(body), receive)
+        await self.app(scope, receive, send)
+
+
+def too_large(size: str) -> JSONResponse:
+    return error_response(413, f"request body of {size} exceeds the limit of {MAX_BODY_BYTES} bytes",
+                  code="request_too_large")
+
+
+def replay_body(body: bytes, receive):
+    """A `receive` that gives `body` as one message, then whatever the client sends (a disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def sse_events(produce):
+    """SSE lines of the events `produce(send)` sends, then [DONE]; an agentrt error becomes an error event."""
+    send, receive = anyio.create_memory_object_stream[dict](1024)
+
+    async def run() -> None:
+        async with send:
+            try:
+                await produce(send)
+            except AgentrtError as exc:
+                await send.send({"type": "error", "error": json.loads(error_for(exc).body)["error"]})
+
+    async with anyio.create_task_group() as tg, receive:
+        tg.start_soon(run)
+        async for event in receive:
+            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+    yield "data: [DONE]\n\n"
