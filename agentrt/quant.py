@@ -132,14 +132,18 @@ def dense_weight(weight: torch.Tensor | QuantWeight) -> torch.Tensor:
 
 def resolve_quant(quant: str | None, device: torch.device | str, has_gguf: bool) -> str:
     """"gguf", "int8" or "none". None / "auto" (or the environment's AGENTRT_QUANT standing in for
-    them): the GGUF's own blocks on the CPU where the weights come from a GGUF (faster than dense at
-    every batch size measured, bench/RESULTS.md), else none: a dense checkpoint keeps its exact weights
+    them): the GGUF's own blocks on the CPU where the weights come from a GGUF (a batch-1 step 1.6x
+    faster than dense on one thread of a 2-core EPYC; its 2-thread kernel suffers more than dense when
+    the other core is busy, bench/RESULTS.md), else none: a dense checkpoint keeps its exact weights
     unless int8 is asked for."""
-    if quant in (None, "auto"):
+    from_env = quant in (None, "auto")
+    if from_env:
         quant = os.environ.get("AGENTRT_QUANT") or "auto"
     if quant not in QUANT_CHOICES:
         raise InvalidRequestError(f"quant {quant!r} is not one of {', '.join(QUANT_CHOICES)}", param="quant")
     cpu = torch.device(device).type == "cpu"
+    if from_env and (not cpu or (quant == "gguf" and not has_gguf)):  # a preference, for models it fits
+        quant = "auto"
     if quant == "auto":
         return "gguf" if cpu and has_gguf else "none"
     if quant != "none" and not cpu:

@@ -18,7 +18,7 @@ from bench.common import machine, model_parser, report, where
 MASKBENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "maskbench"
 
 
-def run(model: str, n: int, max_tokens: int, device: str | None, dtype: str) -> dict:
+def run(model: str, n: int, max_tokens: int, device: str | None, dtype: str, only: list[str] | None = None) -> dict:
     import jsonschema
 
     from agentrt.engine import Engine
@@ -29,6 +29,8 @@ def run(model: str, n: int, max_tokens: int, device: str | None, dtype: str) -> 
     engine = Engine.load(model, device=device, dtype=dtype)
     compiler = GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size)
     files = sorted(MASKBENCH.glob("*.json"))
+    if only:  # a re-run of named schemas (file stems), e.g. the ones a full run failed
+        files = [f for f in files if f.stem in only]
     chosen, skipped = [], 0
     for f in files:
         schema = json.loads(f.read_text())["schema"]
@@ -85,5 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = model_parser("compliance", __doc__)
     ap.add_argument("-n", type=int, default=60, help="schemas (in file-name order)")
     ap.add_argument("--max-tokens", type=int, default=400)
+    ap.add_argument("--only", nargs="+", metavar="STEM", help="just these schemas (file stems, e.g. BFCL_java_2)")
     args = ap.parse_args(argv)
-    return report(run(args.model, args.n, args.max_tokens, args.device, args.dtype), print_table, args.json)
+    return report(run(args.model, args.n, args.max_tokens, args.device, args.dtype, args.only), print_table,
+                  args.json)

@@ -110,6 +110,9 @@ def test_resolve_quant(monkeypatch):
     monkeypatch.setenv("AGENTRT_QUANT", "none")  # stands in for auto, never for an explicit choice
     assert quant.resolve_quant(None, "cpu", has_gguf=True) == "none"
     assert quant.resolve_quant("gguf", "cpu", has_gguf=True) == "gguf"
+    monkeypatch.setenv("AGENTRT_QUANT", "gguf")  # a preference: models without a GGUF stay dense
+    assert quant.resolve_quant(None, "cpu", has_gguf=False) == "none"
+    assert quant.resolve_quant("auto", "cuda", has_gguf=True) == "none"
     for bad, kwargs in (("int3", {}), ("gguf", {"has_gguf": False}), ("int8", {"device": "cuda"})):
         with pytest.raises(InvalidRequestError, match="quant"):
             quant.resolve_quant(bad, kwargs.get("device", "cpu"), kwargs.get("has_gguf", True))
