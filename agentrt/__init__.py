@@ -11,7 +11,7 @@ from typing import Any
 __all__ = ["Agent", "RunResult", "tool", "MCPServerStdio", "Engine", "SamplingParams", "errors"]
 
 from agentrt import errors
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 
 
 def __getattr__(name: str) -> Any:  # heavy imports (torch, xgrammar) only when used

@@ -26,9 +26,9 @@ from agentrt.backends import Backend, collect_notes, open_backend
 from agentrt.chat import ChatOptions, ChatResult
 from agentrt.errors import BackendCapabilityError, InvalidRequestError, RunTimeoutError
 from agentrt.events import AgentEvent, Final, PlanDelta, RunResult, TaskPlanned, TextDelta, ToolEnd, ToolStart
-from agentrt.hogwild import HogwildPool
+from agentrt.engine.hogwild import HogwildPool
 from agentrt.planner import Approver, ask_approval, refusal
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 from agentrt.threads import ThreadOptions, run_thread
 from agentrt.tools import ToolRegistry
 

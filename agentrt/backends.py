@@ -16,7 +16,7 @@ from agentrt.chat import ChatEvent, ChatOptions, ChatResult, prepare_chat, strea
 from agentrt.errors import InvalidRequestError
 from agentrt.notes import collect_notes, note
 from agentrt.remote import RemoteBackend
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 
 __all__ = ["Backend", "LocalBackend", "RemoteBackend", "open_backend", "collect_notes", "note"]
 

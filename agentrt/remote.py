@@ -20,7 +20,7 @@ from agentrt.chat import ChatEvent, ChatOptions, ChatResult, ToolCall
 from agentrt.errors import BackendCapabilityError, EngineError, InvalidRequestError
 from agentrt.gbnf import ebnf_to_gbnf
 from agentrt.notes import note
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 
 __all__ = ["RemoteBackend", "Dialect", "DIALECTS", "grammar_accepts"]
 

@@ -23,7 +23,7 @@ def run(model: str, n: int, max_tokens: int, device: str | None, dtype: str, onl
 
     from agentrt.engine import Engine
     from agentrt.grammar import TOOL_ARGUMENT_CAPS, GrammarCompiler, JsonSchema, Matcher
-    from agentrt.sampling import SamplingParams
+    from agentrt.engine.sampling import SamplingParams
 
     logging.getLogger("agentrt.grammar").setLevel(logging.ERROR)
     engine = Engine.load(model, device=device, dtype=dtype)

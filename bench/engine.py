@@ -20,7 +20,6 @@ import torch
 from agentrt.engine.kv import KVSequence
 from agentrt.engine.sampling import SamplingParams
 from agentrt.engine.scheduler import Work
-from agentrt.engine.sequence import Sequence
 from bench.common import machine, model_parser, report, where
 
 log = logging.getLogger(__name__)
@@ -145,8 +144,7 @@ def graph_step_ms(engine, batch: int, context: int = 128, repeats: int = 50) -> 
         torch.cuda.synchronize()
         return start.elapsed_time(end) / repeats
 
-    work = [Work(Sequence(0, [11], SamplingParams(), None, lambda _: None, set(), None, None, None, kv=s, pending=[11]), 1, True)
-            for s in seqs]
+    work = [Work.decode(s, 11) for s in seqs]
     out = {"plain forward": timed(lambda: engine.model(engine.runner.build_batch(work), pool.k, pool.v))}
     if graphs is not None:
         graphs.run([(s, [11]) for s in seqs], list(range(batch)))  # inputs in place for the eager run
@@ -203,9 +201,9 @@ def peer_unavailable(peer: str, model_name: str) -> str | None:
 def peer_rows(engine, model_name: str, tokens: int, batches: list[int], repeats: int) -> list[dict]:
     """Ours and llama.cpp, interleaved repeat by repeat: batch-1 decode, prefill of the chat prompt and
     of it four times over, and our larger batches against llama.cpp's batch 1."""
-    from agentrt.models import EMBEDDED, _fetch_gguf
+    from agentrt.models import EMBEDDED, fetch_gguf
 
-    peer = LlamaCppPeer(_fetch_gguf(model_name, EMBEDDED[model_name]), torch.get_num_threads())
+    peer = LlamaCppPeer(fetch_gguf(model_name, EMBEDDED[model_name]), torch.get_num_threads())
     one = _prompts(engine, 1)[0]
     prompts = {"chat": one, "chat x4": one * 4}
     samples: dict[tuple[str, str], list[float]] = {}
@@ -312,7 +310,7 @@ def print_table(result: dict) -> None:
 
 
 def _quant_of(model) -> str:
-    from agentrt.quant import Int4Weight, Int8Weight
+    from agentrt.engine.quant import Int4Weight, Int8Weight
 
     kinds = {type(layer.mlp.down.weight) for layer in model.layers}
     return "int4 (GGUF blocks)" if Int4Weight in kinds else "int8" if Int8Weight in kinds else "none"
@@ -348,7 +346,7 @@ def print_peer_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agentrt.quant import QUANT_CHOICES
+    from agentrt.engine.quant import QUANT_CHOICES
 
     ap = model_parser("engine", __doc__, repeats=3)
     ap.add_argument("--tokens", type=int, default=64)

@@ -21,7 +21,7 @@ TASK = ("Plan a three-day trip to Rome for a family of four on a budget: list th
 
 
 def measure(engine, workers: int, tokens: int) -> dict:
-    from agentrt.hogwild import HogwildPool
+    from agentrt.engine.hogwild import HogwildPool
 
     pool = HogwildPool(engine, workers, max_step_tokens=64)
     t0 = time.perf_counter()
@@ -40,8 +40,8 @@ def measure(engine, workers: int, tokens: int) -> dict:
 
 def engine_batch(engine, workers: int, tokens: int) -> float:
     """Reference: the engine decoding `workers` independent requests of the same prompt (tokens/s)."""
-    from agentrt.hogwild import CollaborationPrompts
-    from agentrt.sampling import SamplingParams
+    from agentrt.engine.hogwild import CollaborationPrompts
+    from agentrt.engine.sampling import SamplingParams
 
     system = CollaborationPrompts().system(workers)  # the same prompt length as the hogwild run
     prompt = engine.chat_prompt([{"role": "system", "content": system}, {"role": "user", "content": TASK}])

@@ -30,7 +30,7 @@ def _engine(base, deterministic: bool):
 
 
 def divergence(base, deterministic: bool, tokens: int) -> dict:
-    from agentrt.sampling import SamplingParams
+    from agentrt.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=tokens, logprobs=True)
     prompts = [base.chat_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
@@ -57,7 +57,7 @@ def divergence(base, deterministic: bool, tokens: int) -> dict:
 
 def _decode_ms(engine, prompts: list[list[int]], tokens: int) -> float:
     """Wall ms per generated token per sequence, all sequences together (short prompts: decode-bound)."""
-    from agentrt.sampling import SamplingParams
+    from agentrt.engine.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
 
@@ -71,7 +71,7 @@ def _decode_ms(engine, prompts: list[list[int]], tokens: int) -> float:
 
 def _prefill_tok_s(engine, tokens: list[int], exact: bool) -> float:
     from agentrt.engine import feed_sequence
-    from agentrt.kv import KVSequence
+    from agentrt.engine.kv import KVSequence
 
     seq = KVSequence()
     start = time.perf_counter()

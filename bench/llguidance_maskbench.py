@@ -30,7 +30,7 @@ MAX_TOKENS = 256  # mask timings per instance
 
 
 def run_xgrammar(cases, tok) -> dict:
-    from agentrt.constraint import allocate_bitmask
+    from agentrt.engine.constraint import allocate_bitmask
     from agentrt.errors import GrammarError
     from agentrt.grammar import CompileCache, GrammarCompiler, JsonSchema
 

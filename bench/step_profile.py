@@ -11,26 +11,21 @@ import time
 
 import torch
 
+from agentrt.engine.kv import KVSequence
+from agentrt.engine.scheduler import Work
 from bench.common import model_parser
 
 
 def step_fn(engine, batch: int, context: int):
     """A function running one decode step of `batch` rows over `context` cached tokens each."""
-    from agentrt.engine import _Work
-    from agentrt.kv import KVSequence
-
-    class _Req:  # what _build_batch reads from a request
-        def __init__(self, seq):
-            self.seq, self.pending = seq, [11]
-
     pool = engine.pool
     seqs = [KVSequence() for _ in range(batch)]
     for s in seqs:
         pool.append(s, context)
-    work = [_Work(_Req(s), 1, True) for s in seqs]
+    work = [Work.decode(s, 11) for s in seqs]
 
     def step() -> int:
-        logits = engine.model(engine._build_batch(work), pool.k, pool.v)
+        logits = engine.model(engine.runner.build_batch(work), pool.k, pool.v)
         return int(logits.argmax(-1)[0])  # the host sync a sampler makes
 
     return step

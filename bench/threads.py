@@ -49,7 +49,7 @@ def _render(t) -> dict:
 
 
 def measure(backend, shape, pruning: bool, buffer: int) -> dict:
-    from agentrt.sampling import SamplingParams
+    from agentrt.engine.sampling import SamplingParams
     from agentrt.threads import ThreadOptions, run_thread
 
     options = ThreadOptions(pruning=pruning, buffer=buffer)

@@ -1,4 +1,4 @@
-"""The per-sequence matcher the engine drives (agentrt.constraint.TokenConstraint over xgrammar's
+"""The per-sequence matcher the engine drives (agentrt.engine.constraint.TokenConstraint over xgrammar's
 GrammarMatcher), and `MaskFiller`, which fills a whole batch's bitmask on the CPU while the forward
 step runs: `start()` right after launching the forward, `wait()` before sampling (XGrammar's overlap).
 Near the end of a token budget a matcher can steer JSON to close (`close_by`).
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import xgrammar as xgr
 
-from agentrt.constraint import TokenConstraint, bitmask_width
+from agentrt.engine.constraint import TokenConstraint, bitmask_width
 from agentrt.grammar._boundary import TokenBoundaries
 
 if TYPE_CHECKING:

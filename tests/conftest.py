@@ -27,7 +27,7 @@ def tiny_parts():
     """(model, tokenizer, eos ids) of tiny-random (fp32), loaded once per session."""
     from transformers import AutoTokenizer
 
-    from agentrt.model import load_transformer, read_generation_eos
+    from agentrt.engine.loader import load_transformer, read_generation_eos
     from agentrt.models import resolve_model
 
     path = resolve_model("tiny-random")

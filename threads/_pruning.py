@@ -4,7 +4,7 @@ A task's closed subtask list becomes prunable when the task starts its conclusio
 what the rest of the tree needs, the subtasks' contents are not. The `PruneBuffer` keeps the most recent
 `size` prunable lists in the cache and hands back older ones to prune. Spans are in output tokens; the
 tracker reports bytes, so `TokenBytes` maps byte spans to the tokens lying wholly inside them.
-The KV surgery itself (and its exactness) is `agentrt.control.SequenceHandle.prune`.
+The KV surgery itself (and its exactness) is `agentrt.engine.control.SequenceHandle.prune`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from agentrt.control import PruneInfo
+from agentrt.engine.control import PruneInfo
 
 __all__ = ["PruneBuffer", "TokenBytes", "ThreadStats"]
 

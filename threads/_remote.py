@@ -13,7 +13,7 @@ import json
 import logging
 import time
 
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 from agentrt.threads._pruning import ThreadStats
 from agentrt.threads._runner import EventCallback, ThreadResult, ToolCaller, thread_messages
 from agentrt.threads._schema import ThreadSchema

@@ -5,7 +5,7 @@ When a task's `tooluse.parameters` close, the sequence pauses (other sequences k
 runs off the engine thread through the planner's executor (limits, timeouts, errors as data), and its
 result is written into the sequence by prefill, accepted by the grammar, and decoding resumes: no round
 trip, no re-prefill. When a task starts its conclusion, its closed subtask list enters the pruning
-buffer; older lists leave the KV cache (see agentrt.control for the exactness of that surgery). The text
+buffer; older lists leave the KV cache (see agentrt.engine.control for the exactness of that surgery). The text
 returned is the full tree: pruning changes only what the model attends to.
 """
 
@@ -23,9 +23,9 @@ from typing import Any
 
 import anyio
 
-from agentrt.control import SequenceHandle
+from agentrt.engine.control import SequenceHandle
 from agentrt.errors import ContextLengthError, InvalidRequestError
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 from agentrt.threads._pruning import PruneBuffer, ThreadStats, TokenBytes
 from agentrt.threads._schema import ThreadSchema
 from agentrt.threads._tracker import StructureTracker, TreeEvent

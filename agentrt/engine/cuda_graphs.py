@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from agentrt.engine.kv import KVPool, KVSequence
-from agentrt.model import DecodeInput, Transformer
+from agentrt.engine.model import DecodeInput, Transformer
 
 __all__ = ["DecodeGraphs", "batch_buckets"]
 

@@ -31,8 +31,9 @@ from agentrt.engine.scheduler import Scheduler
 from agentrt.engine.sequence import Completion, Output, Sequence
 from agentrt.engine.tokens import prompt_ids, template_ids
 from agentrt.errors import ContextLengthError, EngineClosedError, EngineError, InvalidRequestError, KVCacheError
-from agentrt.exact import DETERMINISTIC_TILES, PREFILL_TILES, Tiles
-from agentrt.model import Transformer, load_transformer, read_generation_eos, resolve_dtype
+from agentrt.engine.exact import DETERMINISTIC_TILES, PREFILL_TILES, Tiles
+from agentrt.engine.loader import load_transformer, read_generation_eos, resolve_dtype
+from agentrt.engine.model import Transformer
 from agentrt.models import resolve_model
 
 __all__ = ["Engine"]
@@ -61,7 +62,7 @@ class Engine:
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = eos
-        # Prefills always run the batch-invariant kernels (agentrt.exact), so a prefix read from the cache
+        # Prefills always run the batch-invariant kernels (agentrt.engine.exact), so a prefix read from the cache
         # equals a fresh prefill. Deterministic mode runs every row through them, decode steps included:
         # a request's tokens then never depend on what shares its batch (costlier decode; RESULTS.md).
         if deterministic is None:
@@ -92,7 +93,7 @@ class Engine:
 
         dtype: a torch dtype or its name; None or "auto" picks bf16 where the hardware runs it natively
         (CUDA, CPUs with AVX512-BF16 / AMX), else fp32 (see `resolve_dtype`). quant: "gguf", "int8",
-        "none" or None / "auto" (weight-only quantized linears on the CPU, see `agentrt.quant`)."""
+        "none" or None / "auto" (weight-only quantized linears on the CPU, see `agentrt.engine.quant`)."""
         path = resolve_model(model)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -118,7 +119,7 @@ class Engine:
         """Queue a request; `emit` is called on the engine thread with each Output. Returns its id.
 
         `control` (thread mode) sees each accepted token on the engine thread and may pause the sequence,
-        write tokens into it and prune its KV cache (see agentrt.control)."""
+        write tokens into it and prune its KV cache (see agentrt.engine.control)."""
         params = params or SamplingParams()
         params.validate()
         ids = self.encode(prompt)

@@ -15,9 +15,9 @@ from agentrt.engine.cuda_graphs import DecodeGraphs
 from agentrt.engine.kv import KVPool, KVSequence
 from agentrt.engine.scheduler import Work
 from agentrt.errors import InvalidRequestError
-from agentrt.exact import PREFILL_TILES, Tiles
-from agentrt.kernels import triton_ready
-from agentrt.model import AttentionGroup, BatchInput, ExactRows, Transformer, shared_prefix
+from agentrt.engine.exact import PREFILL_TILES, Tiles
+from agentrt.engine.kernels import triton_ready
+from agentrt.engine.model import AttentionGroup, BatchInput, ExactRows, Transformer, shared_prefix
 
 __all__ = ["ModelRunner", "chunk_group", "feed_sequence", "graphable"]
 

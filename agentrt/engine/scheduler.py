@@ -14,7 +14,8 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
-from agentrt.engine.kv import KVPool, OutOfPagesError
+from agentrt.engine.kv import KVPool, KVSequence, OutOfPagesError
+from agentrt.engine.sampling import SamplingParams
 from agentrt.engine.sequence import Sequence
 from agentrt.errors import KVCacheError
 
@@ -29,6 +30,14 @@ class Work:
     n: int  # tokens fed this step
     samples: bool  # its pending runs out this step: sample a next token
     exact: bool = False  # fed by the batch-invariant kernels (prefill; every row when deterministic)
+
+    @classmethod
+    def decode(cls, kv: KVSequence, token: int) -> Work:
+        """One decode row feeding `token` to `kv` (its slot already appended), outside any request: for
+        benchmarks that time the runner's step alone."""
+        seq = Sequence(0, [token], SamplingParams(), None, lambda _: None, set(), None, None, None,
+                       kv=kv, pending=[token])
+        return cls(seq, 1, True)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import anyio
 from fastapi import Request
 
 from agentrt.chat import ChatResult, stream_chat
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 from agentrt.server._http import error_of, leaf_error
 from agentrt.server._protocol import WARNINGS_HEADER
 

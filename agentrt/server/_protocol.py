@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agentrt.errors import ContextLengthError, InvalidRequestError
 from agentrt.grammar import TOOL_ARGUMENT_CAPS
 from agentrt.grammar._schema import json_extent
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 from agentrt.threads import ThreadOptions
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import logging
 
 from agentrt.agent import Agent
 from agentrt.events import wire_event
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 from agentrt.server._http import sse_events
 from agentrt.server._protocol import AgentRunRequest
 from agentrt.threads import run_thread

@@ -23,7 +23,7 @@ from agentrt.chat import ChatOptions, chat_constraint, prepare_chat
 from agentrt.engine import Engine
 from agentrt.errors import AgentrtError, InvalidRequestError, ModelNotFoundError
 from agentrt.grammar import GrammarCompiler
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 from agentrt.server._choices import (
     ChatChoice,
     CompletionChoice,

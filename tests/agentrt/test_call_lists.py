@@ -12,7 +12,7 @@ import torch
 
 from agentrt.chat import TOOL_SEPARATORS, ChatOptions, ToolCallStream, prepare_chat, stream_chat, turn_calls
 from agentrt.grammar import GrammarCompiler, render_tool_call
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 
 ADD = {"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a", "b"]}}}

@@ -15,7 +15,7 @@ def agentrt(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 def test_generate_streams_the_completion_to_stdout():
     from agentrt.engine import Engine
-    from agentrt.sampling import SamplingParams
+    from agentrt.engine.sampling import SamplingParams
 
     proc = agentrt("generate", "--model", "tiny-random", "--raw", "--max-tokens", "6", "Hello there")
     assert proc.returncode == 0, proc.stderr
@@ -26,7 +26,7 @@ def test_generate_streams_the_completion_to_stdout():
 
 def test_dtype_option_picks_the_weights_dtype():
     from agentrt.engine import Engine
-    from agentrt.sampling import SamplingParams
+    from agentrt.engine.sampling import SamplingParams
 
     proc = agentrt("generate", "--model", "tiny-random", "--dtype", "float32", "--raw", "--max-tokens", "6", "Hi")
     assert proc.returncode == 0, proc.stderr

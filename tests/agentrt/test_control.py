@@ -11,8 +11,8 @@ import torch
 
 from agentrt.engine import feed_sequence
 from agentrt.errors import EngineError
-from agentrt.kv import KVSequence
-from agentrt.sampling import SamplingParams
+from agentrt.engine.kv import KVSequence
+from agentrt.engine.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=70, ignore_eos=True)
 PROMPT = [int(t) for t in range(300, 340)]  # 40 tokens: two and a half pages

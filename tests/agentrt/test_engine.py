@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from agentrt.constraint import TokenConstraint
+from agentrt.engine.constraint import TokenConstraint
 from agentrt.errors import ContextLengthError, EngineClosedError, InvalidRequestError, SamplingParamError
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
 
@@ -37,12 +37,12 @@ def test_concurrent_greedy_outputs_equal_each_run_alone(make_engine):
 
 def test_requests_sharing_cached_pages_read_them_once_and_decode_as_alone(make_engine, monkeypatch):
     # cascade attention: the keys of pages the prefix cache shares are attended once for all rows
-    import agentrt.model
+    import agentrt.engine.model
 
     calls = []
-    cascade = agentrt.model._cascade
-    monkeypatch.setattr(agentrt.model, "_cascade", lambda *a: calls.append(1) or cascade(*a))
-    monkeypatch.setattr(agentrt.model, "CASCADE_FROM", 16)
+    cascade = agentrt.engine.model._cascade
+    monkeypatch.setattr(agentrt.engine.model, "_cascade", lambda *a: calls.append(1) or cascade(*a))
+    monkeypatch.setattr(agentrt.engine.model, "CASCADE_FROM", 16)
     common = prompts(4)[3] * 2  # 64 tokens: four full pages every request shares
     asks = [common + p[:2 + i] for i, p in enumerate(prompts(4))]
     engine = make_engine()
@@ -172,7 +172,7 @@ def test_repetition_penalty_steers_greedy_decoding_off_every_seen_token(tiny_eng
 
 
 def test_frequency_and_presence_penalties_subtract_per_count():
-    from agentrt.sampling import apply_penalties
+    from agentrt.engine.sampling import apply_penalties
 
     logits = torch.zeros(2, 8)
     p = SamplingParams(frequency_penalty=0.5, presence_penalty=1.0)

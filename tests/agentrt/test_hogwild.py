@@ -12,10 +12,10 @@ import torch
 
 from agentrt.engine.runner import chunk_group, feed_sequence
 from agentrt.errors import KVCacheError
-from agentrt.hogwild import CollaborationPrompts, HogwildPool, ViewRecord
-from agentrt.kv import KVPool, KVSequence
-from agentrt.model import BatchInput
-from agentrt.sampling import SamplingParams
+from agentrt.engine.hogwild import CollaborationPrompts, HogwildPool, ViewRecord
+from agentrt.engine.kv import KVPool, KVSequence
+from agentrt.engine.model import BatchInput
+from agentrt.engine.sampling import SamplingParams
 
 SAMPLED = SamplingParams(temperature=1.0, seed=3)  # random weights: greedy would repeat one token
 TASK = "List three prime numbers and check them."
@@ -88,12 +88,12 @@ def path(request, monkeypatch):
     """plain: attention groups gathering each view's keys and re-rotating the moved ones; cascade: the
     same, with the history the views share read once for all of them (CPU); fused: the views as slot
     tables with key deltas through the fused step (what runs on a GPU, in CUDA graphs)."""
-    import agentrt.model
+    import agentrt.engine.model
 
     calls = []
-    cascade = agentrt.model._cascade
-    monkeypatch.setattr(agentrt.model, "_cascade", lambda *a: calls.append(1) or cascade(*a))
-    monkeypatch.setattr(agentrt.model, "CASCADE_FROM", 1 if request.param == "cascade" else 10**9)
+    cascade = agentrt.engine.model._cascade
+    monkeypatch.setattr(agentrt.engine.model, "_cascade", lambda *a: calls.append(1) or cascade(*a))
+    monkeypatch.setattr(agentrt.engine.model, "CASCADE_FROM", 1 if request.param == "cascade" else 10**9)
     yield request.param
     assert bool(calls) == (request.param == "cascade")  # each path ran as named
 
@@ -112,7 +112,7 @@ def test_views_give_the_logits_of_a_fresh_prefill_of_their_text(one_layer_engine
 
 def test_views_equal_a_plain_forward_over_their_cached_kv(tiny_engine, path):
     # Any depth: the batched, padded, re-rotated forward equals an ordinary forward over the same
-    # cached K/V laid out densely (deeper K/V keep the context their writer saw: see agentrt.hogwild).
+    # cached K/V laid out densely (deeper K/V keep the context their writer saw: see agentrt.engine.hogwild).
     def check(view):
         want = dense_copy_logits(tiny_engine.model, tiny_engine.pool, view)
         assert (view.logits - want).abs().max() <= 1e-4

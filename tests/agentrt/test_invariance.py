@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agentrt import exact
+from agentrt.engine import exact
 from agentrt.engine import Engine
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 
 DTYPES = [torch.float32, torch.bfloat16]
 PARAMS = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=True)

@@ -11,11 +11,11 @@ import os
 import pytest
 import torch
 
-from agentrt import kernels
-from agentrt.cuda_graphs import DecodeGraphs, batch_buckets
+from agentrt.engine import kernels
+from agentrt.engine.cuda_graphs import DecodeGraphs, batch_buckets
 from agentrt.engine import feed_sequence
-from agentrt.kv import KVPool, KVSequence
-from agentrt.sampling import SamplingParams
+from agentrt.engine.kv import KVPool, KVSequence
+from agentrt.engine.sampling import SamplingParams
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and kernels.triton is not None
@@ -178,7 +178,7 @@ def test_cuda_graph_hogwild_matches_plain_hogwild(tiny_parts):
     import copy
 
     from agentrt.engine import Engine
-    from agentrt.hogwild import HogwildPool
+    from agentrt.engine.hogwild import HogwildPool
 
     model, tok, eos = tiny_parts
     model = copy.deepcopy(model).to("cuda")

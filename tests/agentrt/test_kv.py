@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from agentrt.errors import KVCacheError
-from agentrt.kv import KVPool, KVSequence, OutOfPagesError
+from agentrt.engine.kv import KVPool, KVSequence, OutOfPagesError
 
 from agentrt.engine import feed_sequence as run_ours
 

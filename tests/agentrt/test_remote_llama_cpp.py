@@ -28,7 +28,7 @@ import agentrt
 from agentrt.remote import RemoteBackend
 from agentrt.chat import ChatOptions
 from agentrt.errors import EngineError
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 
 INSTALL = ('pip install "../shared/peers/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl[server]" '
            "(llama-cpp-python with its server extra; never an agentrt dependency)")
@@ -44,9 +44,9 @@ pytestmark = pytest.mark.slow  # serves the embedded smollm2-135m model (its GGU
 def _gguf() -> str:
     # agentrt.models has no public accessor for the embedded GGUF yet (asked of its owner): the
     # cached, hash-checked file of the default model
-    from agentrt.models import EMBEDDED, _fetch_gguf
+    from agentrt.models import EMBEDDED, fetch_gguf
 
-    return str(_fetch_gguf("smollm2-135m", EMBEDDED["smollm2-135m"]))
+    return str(fetch_gguf("smollm2-135m", EMBEDDED["smollm2-135m"]))
 
 
 def _free_port() -> int:

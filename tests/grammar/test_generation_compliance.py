@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 
 from agentrt.grammar import GrammarCompiler, JsonSchema, Matcher
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 
 MASKBENCH = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "maskbench"
 

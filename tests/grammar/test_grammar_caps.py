@@ -15,7 +15,7 @@ import xgrammar as xgr
 from agentrt.chat import ChatOptions, ChatResult, prepare_chat, stream_chat
 from agentrt.grammar import (TOOL_ARGUMENT_CAPS, CompileCache, Ebnf, GrammarCompiler, JsonSchema, Matcher,
                              ToolCalls, parse_tool_calls)
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 
 NO_CAPS = dict.fromkeys(TOOL_ARGUMENT_CAPS)
 LOOKUP = {"name": "lookup", "parameters": {"type": "object", "properties": {"q": {"type": "string"}},

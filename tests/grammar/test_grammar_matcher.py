@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import torch
 
-from agentrt.constraint import TokenConstraint, allocate_bitmask
+from agentrt.engine.constraint import TokenConstraint, allocate_bitmask
 from agentrt.grammar import Choice, JsonSchema, MaskFiller, Matcher, ToolCalls, parse_tool_calls
 
 VOCAB = 49152

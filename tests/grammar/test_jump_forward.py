@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from agentrt.constraint import allocate_bitmask, jump_forward_tokens
+from agentrt.engine.constraint import allocate_bitmask, jump_forward_tokens
 from agentrt.grammar import JsonSchema, ToolCalls
 from agentrt.grammar._boundary import TokenBoundaries
 

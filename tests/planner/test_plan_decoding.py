@@ -10,7 +10,7 @@ from pydantic import Field
 
 from agentrt.planner import ExecutionState, GrammarLimits, PlanParser, plan_grammar, validate_task
 from agentrt.planner._prompts import planner_prompt
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 from agentrt.tools import ToolRegistry, calculator, tool
 
 

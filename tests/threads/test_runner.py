@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 
 from agentrt.errors import ContextLengthError, InvalidRequestError
-from agentrt.sampling import SamplingParams
+from agentrt.engine.sampling import SamplingParams
 from agentrt.threads import ShapeTask, ThreadOptions, ThreadSchema, TreeShape, run_thread
 from agentrt.tools import calculator, tool
 from agentrt.tools._calculator import evaluate

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from agentrt import models
 from agentrt.errors import InvalidRequestError, UnsupportedModelError
 
 __all__ = ["QUANT_CHOICES", "Int4Weight", "Int8Weight", "QuantLinear", "resolve_quant", "gguf_source",
@@ -92,7 +93,7 @@ QuantWeight = Int4Weight | Int8Weight
 def linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None, split: int | None,
            rows: int) -> torch.Tensor:
     """x @ W.T (+ bias): [N, in] -> [N, out]; rows from `split` on batch-invariant (fixed `rows`-row
-    calls, padded), like agentrt.exact.linear. On a 2-core EPYC both kernels already give every row the
+    calls, padded), like agentrt.engine.exact.linear. On a 2-core EPYC both kernels already give every row the
     same bits at any M (1 to 300 rows tried), but other CPUs may pick a kernel by M."""
     x = x.contiguous()
     n = x.shape[0]
@@ -158,12 +159,10 @@ def resolve_quant(quant: str | None, device: torch.device | str, has_gguf: bool)
 def gguf_source(model_dir: str | Path) -> Path | None:
     """The GGUF an embedded model's directory was dequantised from (fetched again if it went missing),
     or None for any other directory."""
-    from agentrt import models
-
     model_dir = Path(model_dir).resolve()
     for name, spec in models.EMBEDDED.items():
         if model_dir == (models.agentrt_home() / "models" / name).resolve():
-            return models._fetch_gguf(name, spec)
+            return models.fetch_gguf(name, spec)
     return None
 
 

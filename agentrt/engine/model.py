@@ -1,58 +1,27 @@
 """Our own forward for Llama-family decoders (Llama/SmolLM, Mistral, Qwen2, Qwen3) over a paged KV cache.
 
-One flat file in the spirit of gpt-fast: a config, RoPE, RMSNorm, attention, MLP, the transformer.
+One flat file in the spirit of gpt-fast: a config, RMSNorm, attention, MLP, the transformer (RoPE is
+agentrt.engine.rope; reading weights from disk, agentrt.engine.loader).
 Linear layers run on all new tokens of the batch at once ([N, hidden]); attention runs per group
 (all decoding sequences together, each prefill chunk alone) over keys gathered from the page pool.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agentrt import exact, kernels, quant
+from agentrt.engine import exact, kernels, quant
+from agentrt.engine.rope import Rotary
 from agentrt.errors import UnsupportedModelError
-from agentrt.models import DTYPE_CHOICES
 
-__all__ = ["ModelConfig", "Rotary", "AttentionGroup", "BatchInput", "ExactRows", "DecodeInput", "Transformer",
-           "load_transformer", "resolve_dtype", "shared_prefix"]
+__all__ = ["ModelConfig", "AttentionGroup", "BatchInput", "ExactRows", "DecodeInput", "Transformer", "linear",
+           "shared_prefix"]
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-DTYPES = {name: getattr(torch, name) for name in DTYPE_CHOICES if name != "auto"}
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
-    """The weights' dtype: as given, or for None / "auto" bf16 wherever the hardware computes it natively.
-
-    That is every CUDA GPU we run on, and CPUs with AVX512-BF16 or AMX: there a decode step streams half
-    the bytes and oneDNN's bf16 GEMM keeps small batches nearly free (on a 2-core EPYC, batch 1 is 1.2x
-    faster than fp32 and batch 4 costs 1.14x batch 1, against 1.5x in fp32). Other CPUs emulate bf16,
-    so they stay in fp32. The environment variable AGENTRT_DTYPE, when set, stands in for None / "auto"."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        dtype = os.environ.get("AGENTRT_DTYPE") or None
-        if dtype == "auto":
-            dtype = None
-    if dtype not in (None, "auto"):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16
-    return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
-
-
-def _cpu_has_native_bf16() -> bool:
-    cpu = torch.cpu
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
 @dataclass
@@ -101,72 +70,6 @@ class ModelConfig:
         )
 
 
-class Rotary(nn.Module):
-    """RoPE with the config's scaling variant (inverse frequencies from transformers' own table)."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-        hf = cfg.hf_config
-        params = getattr(hf, "rope_parameters", None) or {}
-        rope_type = params.get("rope_type", "default")
-        with torch.device("cpu"):  # even when the model is built on the meta device
-            inv_freq, scaling = self._init(hf, cfg, params, rope_type, ROPE_INIT_FUNCTIONS)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
-        self.scaling = float(scaling)
-
-    @staticmethod
-    def _init(hf, cfg: ModelConfig, params: dict, rope_type: str, table) -> tuple[torch.Tensor, float]:
-        if rope_type == "default":
-            theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
-            return 1.0 / (theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float) / cfg.head_dim)), 1.0
-        # "dynamic" is applied with its static (original-length) frequencies.
-        return table[rope_type](hf, torch.device("cpu"))
-
-    def cos_sin(self, positions: torch.Tensor, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [...] -> cos, sin: [..., D] in fp32
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
-        if scaled and self.scaling != 1.0:
-            cos, sin = cos * self.scaling, sin * self.scaling
-        return cos, sin
-
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [..., heads, D]; cos/sin: [..., D] broadcast over heads
-        return Rotary.turn(x, *Rotary.turns(cos, sin, x.dtype))
-
-    @staticmethod
-    def turns(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [..., D] made ready for `turn`, once for every layer: broadcast over heads, in x's
-        dtype, and sin signed so that rotate_half(x) * sin = roll(x, D/2) * signed."""
-        half = sin.shape[-1] // 2
-        signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        return cos.unsqueeze(-2).to(dtype), signed.unsqueeze(-2).to(dtype)
-
-    @staticmethod
-    def turn(x: torch.Tensor, cos: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
-        """RoPE with cos/sin from `turns` (a layer's queries and keys, and the moved keys of hogwild
-        views, are turned in every layer). Rounds like x * cos + rotate_half(x) * sin, bit for bit."""
-        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed
-
-    def rotate_by(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Re-rotate already-rotated keys by `delta` positions: R(p + delta) = R(delta) R(p).
-
-        Computed in float64: a cached key may be moved many times (pruning, hogwild joins) and
-        each move should add no error of its own."""
-        freqs = delta.to(torch.float64)[..., None] * self.inv_freq.to(torch.float64)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return self.apply(x.to(torch.float64), emb.cos(), emb.sin()).to(x.dtype)
-
-
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unscaled RoPE cos/sin: positions [...] (or position deltas) -> [..., D] fp32 each."""
-    freqs = positions.to(torch.float32)[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -199,7 +102,7 @@ class AttentionGroup:
     # the first `shared` keys are the same slots in every row, unmoved and visible to every query (the
     # hogwild history): on CPU they are read once for the whole group (cascade attention)
     shared: int = 0
-    exact: bool = False  # batch-invariant attention (agentrt.exact); needs slots, no key_delta
+    exact: bool = False  # batch-invariant attention (agentrt.engine.exact); needs slots, no key_delta
 
     def to(self, device: torch.device | str) -> AttentionGroup:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -235,7 +138,7 @@ class BatchInput:
 def linear(x: torch.Tensor, weight: torch.Tensor | quant.QuantWeight, bias: torch.Tensor | None,
            split: int | None, tiles: exact.Tiles) -> torch.Tensor:
     """F.linear(x, weight, bias), rows from `split` on by the batch-invariant kernel; [N, in] -> [N, out].
-    A quantized weight (agentrt.quant) runs its own kernel, in fixed-shape calls from `split` on."""
+    A quantized weight (agentrt.engine.quant) runs its own kernel, in fixed-shape calls from `split` on."""
     if not isinstance(weight, torch.Tensor):
         return quant.linear(x, weight, bias, split, tiles.rows)
     if split is None or split >= x.shape[0]:
@@ -356,7 +259,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
-        self.head_quant: quant.QuantWeight | None = None  # the LM head's quantized twin (agentrt.quant)
+        self.head_quant: quant.QuantWeight | None = None  # the LM head's quantized twin (agentrt.engine.quant)
 
     def head(self) -> torch.Tensor | quant.QuantWeight:
         """The LM head's weight [V, hidden]: quantized where the model is, else the (tied) dense one."""
@@ -458,77 +361,3 @@ def _cascade(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, shared
     top = torch.maximum(lc, lv)
     wc, wv = (lc - top).exp_().unsqueeze(-1), (lv - top).exp_().unsqueeze(-1)
     return ((oc * wc + ov * wv) / (wc + wv)).to(q.dtype)
-
-
-def _hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise UnsupportedModelError(f"{model_dir} has no .safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(f))
-    return state
-
-
-def _convert(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Map Hugging Face parameter names onto ours, fusing q/k/v and gate/up."""
-    out = {"embed.weight": state["model.embed_tokens.weight"], "norm.weight": state["model.norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = state.get("lm_head.weight", state["model.embed_tokens.weight"])
-    for i in range(cfg.num_layers):
-        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
-        q = f"layers.{i}."
-        out[q + "attn.qkv.weight"] = torch.cat([state[a + f"{n}_proj.weight"] for n in "qkv"])
-        if cfg.qkv_bias:
-            out[q + "attn.qkv.bias"] = torch.cat([state[a + f"{n}_proj.bias"] for n in "qkv"])
-        out[q + "attn.o.weight"] = state[a + "o_proj.weight"]
-        if cfg.qk_norm:
-            out[q + "attn.q_norm.weight"] = state[a + "q_norm.weight"]
-            out[q + "attn.k_norm.weight"] = state[a + "k_norm.weight"]
-        out[q + "attn_norm.weight"] = state[p + "input_layernorm.weight"]
-        out[q + "mlp_norm.weight"] = state[p + "post_attention_layernorm.weight"]
-        out[q + "mlp.gate_up.weight"] = torch.cat([state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]])
-        out[q + "mlp.down.weight"] = state[p + "mlp.down_proj.weight"]
-    return out
-
-
-def load_transformer(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                     quant: str | None = None) -> Transformer:
-    """Build our Transformer from a local Hugging Face directory (config + safetensors).
-
-    quant (agentrt.quant.resolve_quant): "gguf" runs the layer linears on the blocks of the GGUF the
-    directory was dequantised from (embedded models), "int8" quantizes the dense weights per row, "none"
-    keeps them dense; None / "auto" is "gguf" on the CPU where there is a GGUF, else "none"."""
-    from transformers import AutoConfig
-
-    model_dir = Path(model_dir)
-    hf = AutoConfig.from_pretrained(model_dir)
-    cfg = ModelConfig.from_hf(hf)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    state = _convert(_hf_state_dict(model_dir), cfg)
-    model.load_state_dict(state, strict=False, assign=True)
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing:
-        raise UnsupportedModelError(f"{model_dir}: checkpoint lacks {missing[:5]}")
-    model = model.to(device=device, dtype=dtype)
-    model.rotary.inv_freq = model.rotary.inv_freq.float()
-    from agentrt.quant import gguf_source, quantize_model, resolve_quant
-
-    gguf = gguf_source(model_dir) if quant != "none" and torch.device(device).type == "cpu" else None
-    return quantize_model(model, resolve_quant(quant, device, gguf is not None), gguf).eval()
-
-
-def read_generation_eos(model_dir: str | Path) -> list[int]:
-    """EOS ids from generation_config.json / config.json (either may hold an int or a list)."""
-    ids: list[int] = []
-    for name in ("generation_config.json", "config.json"):
-        path = Path(model_dir) / name
-        if path.exists():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            for e in eos if isinstance(eos, list) else [eos]:
-                if isinstance(e, int) and e not in ids:
-                    ids.append(e)
-    return ids

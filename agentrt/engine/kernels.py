@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from agentrt.engine.rope import Rotary, rope_cos_sin
+
 try:
     import triton
     import triton.language as tl
@@ -61,8 +63,6 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
     v into the pools [S, KV, D] at `slots` [N] (rows with slot < 0 write nothing). Returns rotated q
     [N, H, D], contiguous."""
     if not _use_triton(q, use_triton):
-        from agentrt.model import Rotary
-
         q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
         keep = slots >= 0
         k_pool.index_copy_(0, slots[keep].long(), k[keep])
@@ -96,8 +96,6 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         kg = k_pool[slots.clamp(min=0)]  # [B, T, KV, D]
         vg = v_pool[slots.clamp(min=0)]
         if key_delta is not None:
-            from agentrt.model import Rotary, rope_cos_sin
-
             kg = Rotary.apply(kg.float(), *rope_cos_sin(key_delta[:, :t], inv_freq)).to(kg.dtype)  # [B, T, KV, D]
         qg = q.view(b, kv, rep, d)  # grouped query heads attend as rows of their KV head
         bias = torch.zeros(b, 1, 1, t, dtype=q.dtype, device=q.device).masked_fill(~valid[:, None, None], float("-inf"))
