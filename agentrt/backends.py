@@ -13,10 +13,13 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from agentrt.chat import ChatEvent, ChatOptions, ChatResult, prepare_chat, stream_chat
+from agentrt.engine import Engine
+from agentrt.engine.sampling import SamplingParams
 from agentrt.errors import InvalidRequestError
+from agentrt.grammar import Ebnf, GrammarCompiler, Matcher
+from agentrt.models import DEFAULT_MODEL
 from agentrt.notes import collect_notes, note
 from agentrt.remote import RemoteBackend
-from agentrt.engine.sampling import SamplingParams
 
 __all__ = ["Backend", "LocalBackend", "RemoteBackend", "open_backend", "collect_notes", "note"]
 
@@ -40,8 +43,6 @@ class LocalBackend:
     kv_features = True
 
     def __init__(self, engine, *, owns_engine: bool = False, compiler=None) -> None:
-        from agentrt.grammar import GrammarCompiler
-
         self.engine = engine
         self.name = engine.name
         self.compiler = compiler or GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size)
@@ -54,8 +55,6 @@ class LocalBackend:
             yield ev
 
     async def text(self, prompt: str, grammar: str | None, params: SamplingParams) -> AsyncIterator[str]:
-        from agentrt.grammar import Ebnf, Matcher
-
         ids = self.engine.chat_prompt([{"role": "user", "content": prompt}])
         matcher = None
         if grammar is not None:
@@ -75,9 +74,6 @@ def open_backend(model: Any = None, *, device: str | None = None, dtype: str | N
     """A backend for `model`: a Backend or Engine as is, `openai:<base_url>#<model>` for a remote
     server, anything else a model name, directory or hub id for the local engine (on `device`, in
     `dtype`: see `Engine.load`)."""
-    from agentrt.engine import Engine
-    from agentrt.models import DEFAULT_MODEL
-
     if model is None:
         model = DEFAULT_MODEL
     if isinstance(model, Engine):

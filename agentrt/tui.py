@@ -28,8 +28,10 @@ from rich.table import Table
 from rich.text import Text
 
 from agentrt.agent import MODES, Agent
+from agentrt.backends import open_backend
 from agentrt.errors import AgentrtError, InvalidRequestError
 from agentrt.events import Final, PlanDelta, TaskPlanned, TextDelta, ToolEnd, ToolStart
+from agentrt.models import agentrt_home
 from agentrt.planner import Trace
 from agentrt.tools import Tool, ToolResult, calculator, workspace_tools
 from agentrt.views import PlanBoard, plan_view
@@ -122,8 +124,6 @@ def chat_tools(workspace: str | Path = ".") -> list[Tool]:
 def local_agents(*, device: str | None = None, dtype: str | None = None, max_tokens: int = 512) -> AgentFactory:
     """Agents over one model at a time: a new mode reuses the loaded backend, a new model loads its own
     (ChatApp closes the old agent, and with it the backend it owned)."""
-    from agentrt.backends import open_backend
-
     loaded: dict[str, Any] = {}
 
     def make(model: str, mode: str, tools: list[Tool]) -> Agent:
@@ -461,8 +461,6 @@ async def run_chat(*, model: str, mode: str = "chat", workspace: str | Path = ".
                    dtype: str | None = None, max_tokens: int = 512, extra_tools: list[Tool] = ()) -> None:
     """`agentrt chat` in a real terminal; input history is kept in $AGENTRT_HOME/chat_history.
     `extra_tools` join the built-in ones (`agentrt chat --mcp`: an MCP server's tools)."""
-    from agentrt.models import agentrt_home
-
     home = agentrt_home()
     home.mkdir(parents=True, exist_ok=True)
     app = ChatApp(local_agents(device=device, dtype=dtype, max_tokens=max_tokens), Console(),
