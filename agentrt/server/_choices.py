@@ -14,7 +14,7 @@ from fastapi import Request
 
 from agentrt.chat import ChatResult, stream_chat
 from agentrt.engine.sampling import SamplingParams
-from agentrt.server._http import error_of, leaf_error
+from agentrt.server._http import error_parts, leaf_error
 from agentrt.server._protocol import WARNINGS_HEADER
 
 log = logging.getLogger(__name__)
@@ -296,7 +296,7 @@ async def sse_chunks(choices: list[ChoiceRun], rid: str, model: str, options: di
             yield chunk(None, usage(sum(r.completion_tokens for r in results)))
     except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band, as OpenAI does
         log.warning("%s failed mid-stream: %r", rid, exc)
-        yield f"data: {json.dumps(json.loads(error_of(exc).body))}\n\n"
+        yield f"data: {json.dumps(error_parts(exc)[1])}\n\n"
     yield "data: [DONE]\n\n"
 
 

@@ -23,20 +23,32 @@ log = logging.getLogger(__name__)
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status)
+                   code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status)
 
 
-def error_for(exc: AgentrtError) -> JSONResponse:
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error object, {"error": {message, type, param, code}}."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_parts(exc: BaseException) -> tuple[int, dict]:
+    """Any exception as (HTTP status, OpenAI error object): agentrt errors by kind, anything else a 500."""
+    exc = leaf_error(exc)
     if isinstance(exc, ModelNotFoundError):
-        return error_response(404, str(exc), param="model", code="model_not_found")
+        return 404, error_body(str(exc), param="model", code="model_not_found")
     if isinstance(exc, ContextLengthError):
-        return error_response(400, str(exc), param=exc.param, code="context_length_exceeded")
+        return 400, error_body(str(exc), param=exc.param, code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError):
-        return error_response(400, str(exc), param=exc.param)
+        return 400, error_body(str(exc), param=exc.param)
     if isinstance(exc, (EngineClosedError, OverloadedError)):
-        return error_response(503, str(exc), type_="server_error", code="overloaded" if isinstance(exc, OverloadedError) else None)
-    return error_response(500, str(exc), type_="server_error")
+        code = "overloaded" if isinstance(exc, OverloadedError) else None
+        return 503, error_body(str(exc), type_="server_error", code=code)
+    if isinstance(exc, AgentrtError):
+        return 500, error_body(str(exc), type_="server_error")
+    log.error("internal error: %r", exc, exc_info=exc)
+    return 500, error_body(f"internal error: {type(exc).__name__}", type_="server_error")
 
 
 def leaf_error(exc: BaseException) -> BaseException:
@@ -47,12 +59,9 @@ def leaf_error(exc: BaseException) -> BaseException:
 
 
 def error_of(exc: BaseException) -> JSONResponse:
-    """Any exception as an OpenAI-shaped error: agentrt errors by kind, anything else a 500."""
-    exc = leaf_error(exc)
-    if isinstance(exc, AgentrtError):
-        return error_for(exc)
-    log.error("internal error: %r", exc, exc_info=exc)
-    return error_response(500, f"internal error: {type(exc).__name__}", type_="server_error")
+    """Any exception as an OpenAI-shaped error response."""
+    status, body = error_parts(exc)
+    return JSONResponse(body, status)
 
 
 class Guard:
@@ -116,7 +125,7 @@ async def sse_events(produce):
             try:
                 await produce(send)
             except AgentrtError as exc:
-                await send.send({"type": "error", "error": json.loads(error_for(exc).body)["error"]})
+                await send.send({"type": "error", "error": error_parts(exc)[1]["error"]})
 
     async with anyio.create_task_group() as tg, receive:
         tg.start_soon(run)

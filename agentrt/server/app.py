@@ -33,7 +33,7 @@ from agentrt.server._choices import (
     usage_of,
     warning_headers,
 )
-from agentrt.server._http import Guard, error_for, error_of, error_response
+from agentrt.server._http import Guard, error_of, error_response
 from agentrt.server._protocol import (
     API_KEY_ENV,
     COMPILE_TIMEOUT_ENV,
@@ -86,7 +86,7 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
 
     @app.exception_handler(AgentrtError)
     async def agentrt_error(_: Request, exc: AgentrtError) -> JSONResponse:
-        return error_for(exc)
+        return error_of(exc)
 
     @app.exception_handler(Exception)  # ExceptionGroups of task groups too: answered by the error inside
     async def other_error(_: Request, exc: Exception) -> JSONResponse:
