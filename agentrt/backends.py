@@ -17,7 +17,7 @@ from agentrt.engine import Engine
 from agentrt.engine.sampling import SamplingParams
 from agentrt.errors import InvalidRequestError
 from agentrt.grammar import Ebnf, GrammarCompiler, Matcher
-from agentrt.models import DEFAULT_MODEL
+from agentrt.engine.models import DEFAULT_MODEL
 from agentrt.notes import collect_notes, note
 from agentrt.remote import RemoteBackend
 

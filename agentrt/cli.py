@@ -23,7 +23,7 @@ from agentrt.engine import Engine
 from agentrt.engine.quant import QUANT_CHOICES
 from agentrt.engine.sampling import SamplingParams
 from agentrt.errors import AgentrtError, InvalidRequestError
-from agentrt.models import DEFAULT_MODEL, DTYPE_CHOICES, DTYPE_HELP, pull
+from agentrt.engine.models import DEFAULT_MODEL, DTYPE_CHOICES, DTYPE_HELP, pull
 from agentrt.tools import MCPServerStdio
 
 __all__ = ["main"]

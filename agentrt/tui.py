@@ -31,7 +31,7 @@ from agentrt.agent import MODES, Agent
 from agentrt.backends import open_backend
 from agentrt.errors import AgentrtError, InvalidRequestError
 from agentrt.events import Final, PlanDelta, TaskPlanned, TextDelta, ToolEnd, ToolStart
-from agentrt.models import agentrt_home
+from agentrt.engine.models import agentrt_home
 from agentrt.planner import Trace
 from agentrt.tools import Tool, ToolResult, calculator, workspace_tools
 from agentrt.views import PlanBoard, plan_view

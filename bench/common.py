@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from agentrt.models import DTYPE_CHOICES, DTYPE_HELP
+from agentrt.engine.models import DTYPE_CHOICES, DTYPE_HELP
 
 
 def model_parser(suite: str, doc: str | None, repeats: int | None = None) -> argparse.ArgumentParser:

@@ -191,7 +191,7 @@ def peer_unavailable(peer: str, model_name: str) -> str | None:
     except ImportError:
         return ("llama_cpp is not importable: pip install ../shared/peers/llama_cpp_python-*.whl "
                 "(a benchmark peer only, never a dependency)")
-    from agentrt.models import EMBEDDED
+    from agentrt.engine.models import EMBEDDED
 
     if model_name not in EMBEDDED:
         return f"{model_name} has no GGUF for llama.cpp to run (embedded models: {', '.join(EMBEDDED)})"
@@ -201,7 +201,7 @@ def peer_unavailable(peer: str, model_name: str) -> str | None:
 def peer_rows(engine, model_name: str, tokens: int, batches: list[int], repeats: int) -> list[dict]:
     """Ours and llama.cpp, interleaved repeat by repeat: batch-1 decode, prefill of the chat prompt and
     of it four times over, and our larger batches against llama.cpp's batch 1."""
-    from agentrt.models import EMBEDDED, fetch_gguf
+    from agentrt.engine.models import EMBEDDED, fetch_gguf
 
     peer = LlamaCppPeer(fetch_gguf(model_name, EMBEDDED[model_name]), torch.get_num_threads())
     one = _prompts(engine, 1)[0]
@@ -241,7 +241,7 @@ def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: 
     from transformers import AutoModelForCausalLM
 
     from agentrt.engine import Engine
-    from agentrt.models import resolve_model
+    from agentrt.engine.models import resolve_model
 
     engine = Engine.load(model_name, device=device, dtype=dtype, quant=quant)
     peer_note, peers = None, []

@@ -77,7 +77,7 @@ def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: 
 
     from agentrt.engine import Engine
     from agentrt.grammar import GrammarCompiler, JsonSchema, Matcher
-    from agentrt.models import resolve_model
+    from agentrt.engine.models import resolve_model
     from agentrt.engine.sampling import SamplingParams
 
     engine = Engine.load(model_name, device=device, dtype=dtype)

@@ -126,7 +126,7 @@ class _Stats:
 
 
 def main() -> None:
-    from agentrt.models import load_tokenizer
+    from agentrt.engine.models import load_tokenizer
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--stride", type=int, default=20, help="every n-th MaskBench schema (1: all 980)")

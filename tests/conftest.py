@@ -28,7 +28,7 @@ def tiny_parts():
     from transformers import AutoTokenizer
 
     from agentrt.engine.loader import load_transformer, read_generation_eos
-    from agentrt.models import resolve_model
+    from agentrt.engine.models import resolve_model
 
     path = resolve_model("tiny-random")
     return load_transformer(path), AutoTokenizer.from_pretrained(path), read_generation_eos(path)

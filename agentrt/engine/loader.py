@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from agentrt.engine.model import ModelConfig, Transformer
 from agentrt.engine.quant import gguf_source, quantize_model, resolve_quant
 from agentrt.errors import InvalidRequestError, UnsupportedModelError
-from agentrt.models import DTYPE_CHOICES, resolve_model
+from agentrt.engine.models import DTYPE_CHOICES, resolve_model
 
 __all__ = ["load_model", "load_transformer", "read_generation_eos", "resolve_dtype", "DTYPES"]
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from agentrt import models
+from agentrt.engine import models
 from agentrt.errors import InvalidRequestError, UnsupportedModelError
 
 __all__ = ["QUANT_CHOICES", "Int4Weight", "Int8Weight", "QuantLinear", "resolve_quant", "gguf_source",

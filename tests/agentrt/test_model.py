@@ -8,7 +8,7 @@ import torch
 from agentrt.engine.kv import KVPool, KVSequence
 from agentrt.engine import feed_sequence as run_ours
 from agentrt.engine.loader import load_transformer
-from agentrt.models import resolve_model
+from agentrt.engine.models import resolve_model
 
 
 def pool_for(model, tokens: int = 512) -> KVPool:

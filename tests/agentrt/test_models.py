@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from agentrt import models
+from agentrt.engine import models
 from agentrt.errors import ModelNotFoundError
 
 

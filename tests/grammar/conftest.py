@@ -14,7 +14,7 @@ VOCAB = 49152
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from agentrt.models import load_tokenizer
+    from agentrt.engine.models import load_tokenizer
 
     return load_tokenizer("tiny-random")
 

@@ -339,7 +339,7 @@ def report(results: dict[str, Result], tokenizer_name: str, seconds: float) -> s
 
 
 def main() -> None:
-    from agentrt.models import load_tokenizer
+    from agentrt.engine.models import load_tokenizer
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--limit", type=int, default=None)

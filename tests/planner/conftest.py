@@ -11,7 +11,7 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="session")
 def tokenizer():
     """The SmolLM2 tokenizer (tiny-random shares it), loaded once."""
-    from agentrt.models import load_tokenizer
+    from agentrt.engine.models import load_tokenizer
 
     return load_tokenizer("tiny-random")
 

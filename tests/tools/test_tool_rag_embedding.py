@@ -62,7 +62,7 @@ def test_registry_select_with_embeddings():
 
 
 def test_sentence_embedder_mean_pools_a_local_model():
-    from agentrt.models import resolve_model
+    from agentrt.engine.models import resolve_model
 
     embed = sentence_embedder(resolve_model("tiny-random"))  # any local encoder directory works
     a, b = embed(["hello world", "a longer sentence about something else"])
