@@ -71,11 +71,12 @@ def tool_examples(tools: Iterable[Tool], lookups: int = 2) -> str:
     With a lookup tool (one argument its docstring grounds in the question) and a calculator: a sum
     over `lookups` names and a difference of two, with the names as letters (the grammar only lets
     the question's own names through). Otherwise a plan shape: one call per tool with placeholder
-    values, and a calculator combining earlier results when there is one."""
+    values (a lookup only when the question names something), and a calculator combining earlier
+    results, or computing the question's arithmetic, when there is one."""
     tools = list(tools)
     calc = next((t for t in tools if t.name == "calculator"), None)
     lookup = next(((t, p[0]) for t in tools if t is not calc and len(p := grounded_params(t)) == 1), None)
-    if calc is not None and lookup is not None:
+    if calc is not None and lookup is not None and lookups > 0:
         t, param = lookup
         subject = t.name.replace("_", " ")
         names = [chr(ord("A") + i) for i in range(max(2, min(lookups, 6)))]
@@ -91,13 +92,13 @@ def tool_examples(tools: Iterable[Tool], lookups: int = 2) -> str:
                              _worked(f"How much more is the {subject} of A than that of B?", diff)])
     lines: list[str] = []
     for t in tools:
-        if t is calc:
+        if t is calc or (grounded_params(t) and not lookups):  # the question names nothing to look up
             continue
         for _ in range(2 if calc is None and len(lines) < 2 else 1):
             lines.append(f"{len(lines) + 1}. {t.name}({json.dumps(_placeholders(t), ensure_ascii=False)})")
-    if calc is not None and lines:
-        refs = " + ".join(f"${i}" for i in range(1, len(lines) + 1))
-        lines.append(f'{len(lines) + 1}. calculator({{"expression": "{refs}"}})')
+    if calc is not None:
+        refs = " + ".join(f"${i}" for i in range(1, len(lines) + 1)) or "<arithmetic from the question>"
+        lines.append(f'{len(lines) + 1}. calculator({json.dumps({"expression": refs})})')
     if not lines:
         return ""
     lines.append(f"{len(lines) + 1}. join()")

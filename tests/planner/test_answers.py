@@ -140,3 +140,6 @@ def test_worked_examples_come_from_the_tools_not_the_question():
     assert '"$1 + $2 + $3"' in text and '"$1 - $2"' in text  # a sum over as many names, and a difference
     shape = tool_examples([search, calculator])  # no lookup the question grounds: the plan's shape
     assert "search(" in shape and '"$1"' in shape and "Question:" not in shape
+    # a question that names nothing to look up: no lookup in the example, the calculator computes
+    plain = tool_examples([population, calculator], lookups=0)
+    assert "population" not in plain and plain.startswith("1. calculator(") and "2. join()" in plain
