@@ -1,14 +1,14 @@
 """Grammar-constrained decoding for agentrt, built on XGrammar (Dong et al., 2024).
 
 Constraints (JSON schema, regex, EBNF, Lark, choices, tool-call envelopes) compile per tokenizer
-through a byte-bounded cache; `Matcher` and `MaskFiller` are what the engine drives per step.
+through a byte-bounded cache; `Matcher` is what the engine drives per step.
 """
 
 from __future__ import annotations
 
 from agentrt.grammar._compiler import CompileCache, CompiledConstraint, GrammarCompiler, tokenizer_info
 from agentrt.grammar._constraints import Choice, Constraint, Ebnf, Json, JsonSchema, Lark, Regex
-from agentrt.grammar._matcher import MaskFiller, Matcher
+from agentrt.grammar._matcher import Matcher
 from agentrt.grammar._schema import NormalizedSchema, normalize_schema
 from agentrt.grammar._tools import (
     MAX_TOOL_CALLS,
@@ -48,5 +48,4 @@ __all__ = [
     "CompileCache",
     "tokenizer_info",
     "Matcher",
-    "MaskFiller",
 ]

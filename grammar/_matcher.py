@@ -1,14 +1,13 @@
 """The per-sequence matcher the engine drives (agentrt.engine.constraint.TokenConstraint over xgrammar's
-GrammarMatcher), and `MaskFiller`, which fills a whole batch's bitmask on the CPU while the forward
-step runs: `start()` right after launching the forward, `wait()` before sampling (XGrammar's overlap).
-Near the end of a token budget a matcher can steer JSON to close (`close_by`).
+GrammarMatcher): the engine's one mask filler (agentrt.engine.sampling.MaskFiller) asks it for its row
+of the step's bitmask while the forward runs (XGrammar's overlap). Near the end of a token budget a
+matcher can steer JSON to close (`close_by`).
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,7 +20,7 @@ from agentrt.grammar._boundary import TokenBoundaries
 if TYPE_CHECKING:
     from agentrt.grammar._compiler import CompiledConstraint
 
-__all__ = ["Matcher", "MaskFiller", "MAX_JUMP_FORWARD"]
+__all__ = ["Matcher", "MAX_JUMP_FORWARD"]
 
 MAX_JUMP_FORWARD = 256
 
@@ -206,54 +205,3 @@ def _closers(compiled: CompiledConstraint, words: int, kind: str) -> torch.Tenso
         _CLOSERS[key] = torch.from_numpy(packed.astype(np.uint32).view(np.int32))
     return _CLOSERS[key]
 
-
-class MaskFiller:
-    """Fills one bitmask row per sequence: constrained rows from their matcher, others all-allowed.
-
-    `fill()` is synchronous; `start()` runs the same fill on a background thread and `wait()` joins
-    it (re-raising its error), so the CPU work overlaps the accelerator's forward step.
-    """
-
-    def __init__(self, max_threads: int | None = None) -> None:
-        self._batch = xgr.BatchGrammarMatcher(max_threads if max_threads else "auto")
-        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mask-fill")
-        self._pending: cf.Future[torch.Tensor] | None = None
-
-    def fill(self, matchers: Sequence[TokenConstraint | None], bitmask: torch.Tensor) -> torch.Tensor:
-        """Row i of `bitmask` gets `matchers[i]`'s mask; a None (unconstrained) row allows every token."""
-        if bitmask.shape[0] < len(matchers):
-            raise ValueError(f"bitmask has {bitmask.shape[0]} rows for {len(matchers)} sequences")
-        ours: list[Matcher] = []
-        rows: list[int] = []
-        for i, m in enumerate(matchers):
-            if m is None:
-                bitmask[i].fill_(-1)
-            elif isinstance(m, Matcher):
-                if bitmask.shape[-1] != bitmask_width(m.vocab_size):
-                    m.fill_next_token_bitmask(bitmask, i)  # raises with the explanation
-                ours.append(m)
-                rows.append(i)
-            else:
-                m.fill_next_token_bitmask(bitmask, i)
-        if ours:
-            self._batch.batch_fill_next_token_bitmask([m.xgr for m in ours], bitmask, rows)
-            for m, i in zip(ours, rows):
-                m._steer(bitmask, i)
-        return bitmask
-
-    def start(
-        self, matchers: Sequence[TokenConstraint | None], bitmask: torch.Tensor
-    ) -> cf.Future[torch.Tensor]:
-        if self._pending is not None and not self._pending.done():
-            raise RuntimeError("MaskFiller.start called again before wait()")
-        self._pending = self._pool.submit(self.fill, list(matchers), bitmask)
-        return self._pending
-
-    def wait(self, timeout: float | None = None) -> torch.Tensor:
-        if self._pending is None:
-            raise RuntimeError("MaskFiller.wait called without start()")
-        fut, self._pending = self._pending, None
-        return fut.result(timeout)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from agentrt.engine.constraint import TokenConstraint, allocate_bitmask
-from agentrt.grammar import Choice, JsonSchema, MaskFiller, Matcher, ToolCalls, parse_tool_calls
+from agentrt.grammar import Choice, JsonSchema, Matcher, ToolCalls, parse_tool_calls
 
 VOCAB = 49152
 
@@ -70,22 +70,23 @@ def test_bitmask_width_mismatch_is_explained(compiler):
         m.fill_next_token_bitmask(allocate_bitmask(1, 1000), 0)
 
 
-def test_mask_filler_fills_constrained_rows_and_leaves_others_open(compiler):
+@pytest.mark.parametrize("overlap", [True, False], ids=["during the forward", "before it"])
+def test_the_engines_mask_filler_fills_constrained_rows_and_leaves_others_open(compiler, overlap):
+    from agentrt.engine.sampling import MaskFiller
+
     a = compiler.compile(Choice(["yes"])).matcher()
     b = compiler.compile(JsonSchema({"type": "integer"})).matcher()
-    mask = torch.zeros((4, (VOCAB + 31) // 32), dtype=torch.int32)
-    filler = MaskFiller(max_threads=2)
-    filler.start([a, None, b], mask)  # launched while the forward would run
-    out = filler.wait()
-    assert out is mask
+    filler = MaskFiller(VOCAB, torch.device("cpu"), max_rows=4, overlap=overlap)
+    filler.start([(0, a), (2, b)], rows=3)  # launched while the forward would run
+    logits = torch.zeros(3, VOCAB)
+    filler.apply(logits)
     solo = allocate_bitmask(1, VOCAB)
     b.fill_next_token_bitmask(solo, 0)
-    assert torch.equal(mask[2], solo[0])
-    assert bool((mask[1] == -1).all())
-    assert 0 < len(allowed(mask, 0)) < 100
-    assert bool((mask[3] == 0).all())  # rows beyond the batch untouched
-    with pytest.raises(RuntimeError):
-        filler.wait()
+    allowed_b = {i for i in range(VOCAB) if solo[0, i // 32] >> (i % 32) & 1}
+    assert {int(i) for i in torch.nonzero(logits[2] == 0)} == allowed_b  # the matcher's own mask, steering included
+    assert bool((logits[1] == 0).all())  # an unconstrained row keeps every token
+    assert 0 < int((logits[0] == 0).sum()) < 100
+    filler.apply(logits)  # nothing pending: a no-op
     filler.close()
 
 
