@@ -18,17 +18,17 @@ from dataclasses import replace
 from typing import Any, Generic, TypeVar
 
 import anyio
-
 from pydantic import TypeAdapter, ValidationError
 
 from agentrt import planner
 from agentrt.backends import Backend, collect_notes, open_backend
 from agentrt.chat import ChatOptions, ChatResult
+from agentrt.choice import check_forced_call, normalize_tool_choice
+from agentrt.engine.hogwild import HogwildPool
+from agentrt.engine.sampling import SamplingParams
 from agentrt.errors import BackendCapabilityError, InvalidRequestError, RunTimeoutError
 from agentrt.events import AgentEvent, Final, PlanDelta, RunResult, TaskPlanned, TextDelta, ToolEnd, ToolStart
-from agentrt.engine.hogwild import HogwildPool
 from agentrt.planner import Approver, ask_approval, refusal
-from agentrt.engine.sampling import SamplingParams
 from agentrt.threads import ThreadOptions, run_thread
 from agentrt.tools import ToolRegistry
 
@@ -83,7 +83,7 @@ class Agent(Generic[T]):
         self.max_steps = max_steps
         self.timeout = timeout
         self.tool_top_k = tool_top_k
-        self.tool_choice = _tool_choice(tool_choice, self.registry)
+        self.tool_choice = normalize_tool_choice(tool_choice, self.registry)
         self.grammar_options = dict(grammar_options or {})  # JsonSchema caps: max_string_length, ...
         self.plan_options = dict(plan_options or {})
         self.approve = approve
@@ -214,7 +214,7 @@ class Agent(Generic[T]):
                 answer_now = True  # it repeated a call whose result it has: the next turn answers
                 continue
             if choice != "auto" and not final_turn:
-                _check_forced_call(choice, calls, result, self.backend.name, self.params.max_tokens)
+                check_forced_call(choice, calls, result, self.backend.name, self.params.max_tokens)
             if not calls:
                 messages.append({"role": "assistant", "content": result.content})
                 return result.content, done, messages, step
@@ -409,38 +409,6 @@ class Agent(Generic[T]):
                         {"role": "user", "content": f"That JSON is not valid: {error}. Answer again with JSON "
                                                     f"that matches this schema: {json.dumps(schema)}"}]
         raise AssertionError("unreachable")
-
-
-def _tool_choice(choice: Any, registry) -> str | dict:
-    """"auto", "required", or one registered tool as OpenAI's {"type": "function", "function": {"name"}}."""
-    if choice in ("auto", "required"):
-        return choice
-    if isinstance(choice, str):
-        name = choice
-    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
-        name = choice["function"].get("name")
-    else:
-        raise InvalidRequestError('tool_choice is "auto", "required", a tool\'s name or {"type": "function", '
-                                  f'"function": {{"name": ...}}}}, got {choice!r}', param="tool_choice")
-    if not isinstance(name, str) or name not in registry:
-        tools = ", ".join(registry.names) or "none registered"
-        raise InvalidRequestError(f"tool_choice names {name!r}, which is not one of the agent's tools "
-                                  f"({tools}); use 'auto', 'required' or one of them", param="tool_choice")
-    return {"type": "function", "function": {"name": name}}
-
-
-def _check_forced_call(choice: str | dict, calls: list, result: ChatResult, backend: str, max_tokens: int) -> None:
-    """A turn asked for a call (required or named) that came back without it is an error, never an answer."""
-    want = choice["function"]["name"] if isinstance(choice, dict) else None
-    if calls and (want is None or any(c.name == want for c in calls)):
-        return
-    if result.finish_reason == "length":
-        raise InvalidRequestError(f"the tool call was cut at max_tokens={max_tokens}: raise max_tokens",
-                                  param="max_tokens")
-    what = f"a call of {want!r}" if want else "a tool call"
-    got = f"calls of {[c.name for c in calls]}" if calls else f"text {result.content[:120]!r}"
-    raise BackendCapabilityError(f"{backend}: tool_choice asked for {what} and the model's turn gave {got}",
-                                 feature="tool_choice")
 
 
 def _short_validation_error(exc: Exception) -> str:
