@@ -17,8 +17,20 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentrt import grammar
+from agentrt.engine import template_ids
 from agentrt.errors import InvalidRequestError
-from agentrt.grammar import MAX_TOOL_CALLS, TOOL_CALL_BEGIN, TOOL_CALL_END, CallList, call_key
+from agentrt.grammar import (
+    MAX_TOOL_CALLS,
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    CallList,
+    Matcher,
+    ToolCalls,
+    ToolSpec,
+    call_key,
+    render_tool_call,
+)
 
 __all__ = ["ChatOptions", "ChatEvent", "ChatResult", "ToolCall", "ToolCallStream", "bare_calls", "build_prompt",
            "chat_constraint",
@@ -266,9 +278,7 @@ def _text(content: Any) -> str:
     raise InvalidRequestError(f"unsupported message content {type(content).__name__}", param="messages")
 
 
-def _tool_instructions(tools: list[dict]) -> str:
-    from agentrt.grammar import ToolSpec
-
+def tool_instructions(tools: list[dict]) -> str:
     specs = [ToolSpec.parse(t) for t in tools]
     lines = "\n".join(json.dumps({"name": s.name, "description": s.description, "parameters": s.parameters},
                                  ensure_ascii=False) for s in specs)
@@ -294,8 +304,6 @@ def build_prompt(tokenizer, messages: list[dict], options: ChatOptions) -> list[
         if role == "developer":
             role = "system"
         if role == "assistant" and m.get("tool_calls"):
-            from agentrt.grammar import render_tool_call
-
             for call in m["tool_calls"]:
                 fn = call.get("function", call)
                 args = fn.get("arguments") or "{}"
@@ -313,20 +321,16 @@ def build_prompt(tokenizer, messages: list[dict], options: ChatOptions) -> list[
         if native_tools:
             kwargs["tools"] = options.tools
         else:
-            instructions = _tool_instructions(options.tools)
+            instructions = tool_instructions(options.tools)
             if out[0]["role"] == "system":
                 out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + instructions}
             else:
                 out.insert(0, {"role": "system", "content": instructions})
-    from agentrt.engine import template_ids
-
     return template_ids(tokenizer, out, **kwargs)
 
 
 def chat_constraint(options: ChatOptions, **schema_options: Any):
     """The grammar for a request: tool calls when tools are offered, else its response_format."""
-    from agentrt import grammar
-
     if options.grammar is not None:
         return grammar.Ebnf(options.grammar)
     if options.tools and options.tool_choice != "none":
@@ -352,10 +356,6 @@ def chat_constraint(options: ChatOptions, **schema_options: Any):
 async def prepare_chat(engine, compiler, messages: list[dict], options: ChatOptions):
     """Prompt ids and (when the request needs one) a grammar matcher; bad input raises here, before
     anything is streamed."""
-    from agentrt.grammar import Matcher
-
-    from agentrt.grammar import ToolCalls
-
     prompt_ids = build_prompt(engine.tokenizer, messages, options)
     constraint = chat_constraint(options, **options.schema_options)
     if constraint is None:

@@ -289,9 +289,9 @@ def tools_of(case: Case) -> list[dict]:
 def free_text_messages(case: Case) -> list[dict]:
     """The case's messages with its tools described in the system prompt, as the server itself words
     and places them for a template without native tools: both arms see the same prompt."""
-    from agentrt.chat import _tool_instructions
+    from agentrt.chat import tool_instructions
 
-    text = _tool_instructions(tools_of(case))
+    text = tool_instructions(tools_of(case))
     messages = [dict(m) for m in case.messages]
     if messages[0]["role"] == "system":
         messages[0]["content"] = messages[0]["content"] + "\n\n" + text

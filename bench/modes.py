@@ -78,7 +78,7 @@ def run(model: str, modes: list[str], n: int, questions: list[tuple[str, float]]
 
 
 def print_table(result: dict) -> None:
-    print(f"| mode | right | questions | calls (mean) |")
+    print("| mode | right | questions | calls (mean) |")
     print("|---|---|---|---|")
     for mode in dict.fromkeys(r["mode"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["mode"] == mode]

@@ -15,7 +15,7 @@ from typing import Any
 import xgrammar as xgr
 
 from agentrt.errors import GrammarError
-from agentrt.grammar._json import _first_line, json_schema_ebnf
+from agentrt.grammar._json import first_line, json_schema_ebnf
 from agentrt.grammar._schema import normalize_schema
 
 __all__ = ["Constraint", "JsonSchema", "Json", "Regex", "Ebnf", "Lark", "Choice"]
@@ -148,7 +148,7 @@ class Regex(Constraint):
             return xgr.Grammar.from_regex(self.pattern), []
         except RuntimeError as e:
             raise GrammarError(
-                f"cannot compile regex {self.pattern!r}: {_first_line(e)}", param="regex"
+                f"cannot compile regex {self.pattern!r}: {first_line(e)}", param="regex"
             ) from e
 
 
@@ -192,7 +192,7 @@ class Lark(Constraint):
         try:
             return xgr.Grammar.from_lark(text), []
         except RuntimeError as e:
-            raise GrammarError(f"cannot compile the Lark grammar: {_first_line(e)}", param="grammar") from e
+            raise GrammarError(f"cannot compile the Lark grammar: {first_line(e)}", param="grammar") from e
 
 
 class Choice(Constraint):
@@ -220,7 +220,7 @@ def _from_ebnf(text: str, param: str, root: str = "root") -> xgr.Grammar:
     try:
         return xgr.Grammar.from_ebnf(text, root_rule_name=root)
     except RuntimeError as e:
-        raise GrammarError(f"cannot compile the grammar: {_first_line(e)}", param=param) from e
+        raise GrammarError(f"cannot compile the grammar: {first_line(e)}", param=param) from e
 
 
 def _schema_dict(schema: dict[str, Any] | str | type) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def json_schema_ebnf(
             max_whitespace_cnt=max_whitespace if any_ws else None,
         )
     except RuntimeError as e:
-        raise GrammarError(f"cannot compile the JSON schema: {_first_line(e)}", param="schema") from e
+        raise GrammarError(f"cannot compile the JSON schema: {first_line(e)}", param="schema") from e
     text = str(grammar)
     rules = _Rules(text)
     comma, colon = separators
@@ -222,6 +222,6 @@ def _lit(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return re.sub(r"^\[[\d:]+\] \S+: ", "", msg)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agentrt.errors import GrammarError
 from agentrt.grammar._constraints import Constraint, JsonSchema, ebnf_literal
-from agentrt.grammar._json import _first_line, merge_grammars
+from agentrt.grammar._json import first_line, merge_grammars
 from agentrt.grammar._matcher import Matcher
 
 __all__ = [
@@ -180,7 +180,7 @@ class ToolCalls(Constraint):
             return xgr.Grammar.from_structural_tag(tag), warnings
         except (RuntimeError, ValueError) as e:
             raise GrammarError(
-                f"cannot compile the tool-call grammar: {_first_line(e)}", param="tools"
+                f"cannot compile the tool-call grammar: {first_line(e)}", param="tools"
             ) from e
 
 

@@ -225,7 +225,6 @@ class _SchemaEmitter:
         return expr
 
     def _typed(self, node: dict[str, Any]) -> str:
-        lim = self.b.limits
         if "$ref" in node:
             return self._def(node["$ref"])
         if "const" in node:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from agentrt.errors import PlanError
-from agentrt.planner._task import _REF_RE, ReferenceResolutionError, parse_ref, resolve
+from agentrt.planner._task import REF_RE, ReferenceResolutionError, parse_ref, resolve
 
 __all__ = ["JoinerDecision", "parse_joiner", "resolve_answer"]
 
@@ -54,4 +54,4 @@ def resolve_answer(text: str, values: Mapping[int, Any]) -> str:
             return m.group(0)
         return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
-    return _REF_RE.sub(one, text)
+    return REF_RE.sub(one, text)

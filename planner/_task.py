@@ -14,7 +14,7 @@ from typing import Any
 
 __all__ = ["Ref", "Template", "Task", "ReferenceResolutionError", "resolve", "iter_refs", "parse_ref"]
 
-_REF_RE = re.compile(r"\$([0-9]+)((?:\.[A-Za-z_][A-Za-z0-9_]*|\[[0-9]+\])*)")
+REF_RE = re.compile(r"\$([0-9]+)((?:\.[A-Za-z_][A-Za-z0-9_]*|\[[0-9]+\])*)")
 _SEG_RE = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[([0-9]+)\]")
 
 
@@ -45,7 +45,7 @@ class Template:
 
 def parse_ref(text: str) -> Ref | None:
     """`$3.a[0]` -> Ref(3, ("a", 0)); None if `text` is not exactly one reference."""
-    m = _REF_RE.fullmatch(text)
+    m = REF_RE.fullmatch(text)
     if not m:
         return None
     path = tuple(key if key else int(idx) for key, idx in _SEG_RE.findall(m.group(2)))
@@ -61,7 +61,7 @@ def split_template(raw: str) -> str | Ref | Template:
         return ref
     parts: list[str | Ref] = []
     pos = 0
-    for m in _REF_RE.finditer(raw):
+    for m in REF_RE.finditer(raw):
         if m.end() < len(raw) and raw[m.end()].isdigit():
             continue
         if m.start() > pos:

@@ -4,7 +4,6 @@ in the question (a parameter whose docstring says so takes only a phrase of the 
 from __future__ import annotations
 
 import anyio
-import pytest
 import xgrammar as xgr
 
 from agentrt.planner import GrammarLimits, plan_grammar, run_plan
