@@ -104,6 +104,7 @@ class ChatResult:
     completion_tokens: int
     incomplete: bool = False
     refused: int = 0  # calls dropped as exact repeats of earlier calls of the turn
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -397,4 +398,4 @@ async def stream_chat(engine, prompt_ids: list[int], matcher, params) -> AsyncIt
                 yield event
             reason = "tool_calls" if splitter.calls and out.finish_reason == "stop" else out.finish_reason
             yield ChatResult(splitter.content, splitter.calls, reason, out.prompt_tokens, out.completion_tokens,
-                             out.incomplete, splitter.refused)
+                             out.incomplete, splitter.refused, out.cached_tokens)

@@ -61,7 +61,8 @@ class OutputProcessor:
         """The last Output of a sequence that ends with `reason`."""
         incomplete = reason == "length" and seq.constraint is not None and not seq.constraint.is_terminated()
         tail = "" if seq.stopper.stopped else seq.stopper.flush()
-        return Output(tail, [], reason, len(seq.prompt_ids), len(seq.output_ids), incomplete, error)
+        return Output(tail, [], reason, len(seq.prompt_ids), len(seq.output_ids), incomplete, error,
+                      cached_tokens=seq.cached_tokens or 0)
 
     def _take(self, seq: Sequence, new: list[int], logprob: float | None = None,
               top: dict[int, float] | None = None) -> Processed:

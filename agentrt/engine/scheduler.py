@@ -95,6 +95,8 @@ class Scheduler:
                 continue
             self.waiting.popleft()
             seq.kv, seq.fed_ids, seq.pending = kv, tokens[:kv.length], tokens[kv.length:]
+            if seq.cached_tokens is None:  # a re-admission after preemption is not a cache hit of the prompt
+                seq.cached_tokens = min(kv.length, len(seq.prompt_ids))
             seq.prefill_until = len(tokens)
             self.running.append(seq)
         return refused

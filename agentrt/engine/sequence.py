@@ -30,6 +30,7 @@ class Output:
     completion_tokens: int = 0
     incomplete: bool = False  # a constrained output cut short before its grammar could end
     error: BaseException | None = None
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (the last Output says)
     # with SamplingParams(logprobs=True): each token's log-probability under the model's distribution
     # after the grammar's mask (temperature 1); None for tokens the grammar forced or a controller wrote
     logprobs: list[float | None] | None = None
@@ -48,6 +49,7 @@ class Completion:
     incomplete: bool = False
     logprobs: list[float | None] | None = None
     top_logprobs: list[dict[int, float] | None] | None = None
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of prefilled
 
     @classmethod
     def of(cls, parts: list[Output]) -> Completion:
@@ -60,6 +62,7 @@ class Completion:
             prompt_tokens=last.prompt_tokens,
             completion_tokens=last.completion_tokens,
             incomplete=last.incomplete,
+            cached_tokens=last.cached_tokens,
             logprobs=[lp for p in parts for lp in p.logprobs or []] if any(p.logprobs for p in parts) else None,
             top_logprobs=([t for p in parts for t in p.top_logprobs or []]
                           if any(p.top_logprobs for p in parts) else None),
@@ -86,6 +89,7 @@ class Sequence:
     paused: bool = False  # keeps its pages but is not scheduled (a tool is running)
     removed: list[tuple[int, int]] = field(default_factory=list)  # pruned output spans [a, b), sorted
     prefill_until: int = 0  # fed tokens before this index came by prefill (batch-invariant kernels)
+    cached_tokens: int | None = None  # prompt tokens the prefix cache gave it at its first admission
 
     @classmethod
     def new(cls, id: int, prompt_ids: list[int], params: SamplingParams, constraint: TokenConstraint | None,

@@ -184,7 +184,7 @@ class CompletionChoice(ChoiceRun):
                 yield "text", out.text
             if out.finish_reason is not None:
                 yield "result", ChatResult("".join(text), [], out.finish_reason, out.prompt_tokens,
-                                           out.completion_tokens, out.incomplete)
+                                           out.completion_tokens, out.incomplete, cached_tokens=out.cached_tokens)
 
     def first(self) -> None:
         return None
@@ -257,7 +257,9 @@ def usage_of(results: list[ChatResult], per_prompt: int | None = None) -> dict:
     step = per_prompt or len(results)
     prompt = sum(r.prompt_tokens for r in results[::step])
     completion = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(r.cached_tokens for r in results[::step])
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def sse_chunks(choices: list[ChoiceRun], rid: str, model: str, options: dict[str, Any], prompt_tokens: int):
@@ -293,7 +295,8 @@ async def sse_chunks(choices: list[ChoiceRun], rid: str, model: str, options: di
                 results.append(result)
             yield chunk(choice)
         if options.get("include_usage"):
-            yield chunk(None, usage(sum(r.completion_tokens for r in results)))
+            cached = {"cached_tokens": results[0].cached_tokens if results else 0}
+            yield chunk(None, {**usage(sum(r.completion_tokens for r in results)), "prompt_tokens_details": cached})
     except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band, as OpenAI does
         log.warning("%s failed mid-stream: %r", rid, exc)
         yield f"data: {json.dumps(error_parts(exc)[1])}\n\n"

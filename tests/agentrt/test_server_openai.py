@@ -163,6 +163,20 @@ def test_completions_create(api):
         assert stop not in cut.text and cut.finish_reason == "stop"
 
 
+def test_usage_says_how_many_prompt_tokens_the_prefix_cache_gave(api):
+    client, _ = api
+    msgs = [{"role": "user", "content": "A prompt long enough to fill whole KV pages. " * 8 + "Go on."}]
+    first = client.chat.completions.create(model="tiny-random", messages=msgs, max_tokens=2, temperature=0)
+    again = client.chat.completions.create(model="tiny-random", messages=msgs, max_tokens=2, temperature=0)
+    before = first.usage.prompt_tokens_details.cached_tokens  # the template's opening, cached by earlier tests
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert before < cached < again.usage.prompt_tokens  # this prompt's own pages now, never the whole prompt
+    assert before % 16 == cached % 16 == 0  # whole pages
+    stream = client.chat.completions.create(model="tiny-random", messages=msgs, max_tokens=2, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    assert [c.usage for c in stream if c.usage][-1].prompt_tokens_details.cached_tokens == cached
+
+
 def test_models_retrieve(api):
     client, _ = api
     assert client.models.retrieve("tiny-random").id == "tiny-random"
