@@ -309,11 +309,14 @@ class Agent(Generic[T]):
         if self.approve is not None:  # the default executor refuses side effects
             kwargs["executor"] = planner.Executor(self.registry, approve=self.approve)
         state.trace.listeners.append(on_span)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(forward)
-            with send:
-                run = await runner(question, llm_text, self.registry, tool_top_k=self.tool_top_k, state=state,
-                                   **kwargs)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(forward)
+                with send:
+                    run = await runner(question, llm_text, self.registry, tool_top_k=self.tool_top_k, state=state,
+                                       **kwargs)
+        except BaseExceptionGroup as group:  # the planner's own error, as itself
+            raise group.exceptions[0] if len(group.exceptions) == 1 else group from None
         answer = run.answer or ""
         await emit(TextDelta(answer))
         calls = [ends[tid] for tid in sorted(ends)]

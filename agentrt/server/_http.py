@@ -117,14 +117,15 @@ def replay_body(body: bytes, receive):
 
 
 async def sse_events(produce):
-    """SSE lines of the events `produce(send)` sends, then [DONE]; an agentrt error becomes an error event."""
+    """SSE lines of the events `produce(send)` sends, then [DONE]; an error (an agentrt error as itself,
+    any other as a 500 "internal error") becomes an error event: the stream always ends with [DONE]."""
     send, receive = anyio.create_memory_object_stream[dict](1024)
 
     async def run() -> None:
         async with send:
             try:
                 await produce(send)
-            except AgentrtError as exc:
+            except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band
                 await send.send({"type": "error", "error": error_parts(exc)[1]["error"]})
 
     async with anyio.create_task_group() as tg, receive:

@@ -309,6 +309,19 @@ def test_agent_run_streams_task_and_tool_events(tiny_engine):
     assert tiny_engine.pool.num_in_use == 0
 
 
+@pytest.mark.parametrize("mode", ["react", "dta"])
+def test_an_agent_run_that_fails_ends_its_stream_with_an_error_event(tiny_engine, mode):
+    # a random model's joiner answer cut at max_tokens does not parse: the run fails, the stream still ends
+    from agentrt.tools import calculator
+
+    app = create_app(tiny_engine, model_names=["tiny-random"], tools=[calculator])
+    status, events = _events(app, {"input": "add 1 and 2", "mode": mode, "max_tokens": 32})
+    assert status == 200 and events[-1]["type"] in ("final", "error")
+    if events[-1]["type"] == "error":
+        assert events[-1]["error"]["message"] and events[-1]["error"]["type"]
+    assert tiny_engine.pool.num_in_use == 0
+
+
 def test_agent_run_without_tools_is_a_400(tiny_engine):
     app = create_app(tiny_engine, model_names=["tiny-random"])
     status, _ = _events(app, {"input": "hi"})
