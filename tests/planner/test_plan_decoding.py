@@ -63,7 +63,9 @@ def decode_plans(engine, questions: list[str], limits: GrammarLimits = LIMITS) -
 
     backend = LocalBackend(engine)
     grammar = plan_grammar(TOOLS, limits=limits)
-    params = SamplingParams(max_tokens=256, temperature=0.0)
+    # room for the longest plan LIMITS allow (4 tasks of 80-character thoughts and capped arguments, then
+    # join()): this checks what the grammar admits, not how a plan ends when the budget runs out first
+    params = SamplingParams(max_tokens=512, temperature=0.0)
 
     async def one(q: str) -> str:
         prompt = planner_prompt(q, TOOLS, ExecutionState(), first_id=1)
