@@ -34,7 +34,7 @@ from agentrt.events import Final, PlanDelta, TaskPlanned, TextDelta, ToolEnd, To
 from agentrt.engine.models import agentrt_home
 from agentrt.planner import Trace
 from agentrt.tools import Tool, ToolResult, calculator, workspace_tools
-from agentrt.views import PlanBoard, plan_view
+from agentrt.views import PlanBoard, clip, plan_view
 
 __all__ = ["AgentFactory", "ApprovalGate", "ChatApp", "InputSource", "PromptInput", "Turn", "chat_tools",
            "local_agents", "run_chat"]
@@ -317,7 +317,7 @@ class ChatApp:
                     span.start, span.args, span.status = trace.now(), ev.arguments, "running"
                     args = json.dumps(ev.arguments, ensure_ascii=False)
                     if view.board is None:  # a plan's calls are on its board
-                        self.console.print(Text.assemble(("⚙ ", "cyan"), (ev.name, "bold cyan"), f"({_clip(args)})"))
+                        self.console.print(Text.assemble(("⚙ ", "cyan"), (ev.name, "bold cyan"), f"({clip(args)})"))
                 elif isinstance(ev, ToolEnd):
                     if ev.call_id not in ids:  # a plan task that ended without running (a failed input)
                         ids[ev.call_id] = len(ids) + 1
@@ -361,7 +361,7 @@ class ChatApp:
             paused = self._view.paused() if self._view is not None else contextlib.nullcontext()
             with paused:
                 self.console.print(Text.assemble(("? ", "bold yellow"), (tool.name, "bold"),
-                                                 f"({_clip(json.dumps(args, ensure_ascii=False), 400)})",
+                                                 f"({clip(json.dumps(args, ensure_ascii=False), 400)})",
                                                  " has side effects"))
                 while True:
                     try:
@@ -438,14 +438,9 @@ class ChatApp:
         self.console.print(f"model [cyan]{model}[/] · mode [cyan]{mode}[/]")
 
 
-def _clip(text: str, n: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
 def _tool_line(name: str, ok: bool, seconds: float, observation: str) -> Text:
     mark = ("  ✓ ", "green") if ok else ("  ✗ ", "red")
-    return Text.assemble(mark, (name, "bold"), (f" {seconds:.2f}s  ", "dim"), (_clip(observation, 160), "dim"))
+    return Text.assemble(mark, (name, "bold"), (f" {seconds:.2f}s  ", "dim"), (clip(observation, 160), "dim"))
 
 
 def _with_history(history: list[dict], prompt: str, max_chars: int = 2000) -> str:

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from agentrt.events import AgentEvent, PlanDelta, TaskPlanned, ToolEnd, ToolStart
 
-__all__ = ["PlanBoard", "plan_view"]
+__all__ = ["PlanBoard", "plan_view", "clip"]
 
 
 @dataclass
@@ -76,7 +76,7 @@ def plan_view(board: PlanBoard, call: int | None = None) -> RenderableType:
         table.add_column(col)
     for t in sorted(board.tasks.values(), key=lambda t: (len(t.id), t.id)):
         if t.ok is not None:
-            status = ("[green]ok[/] " if t.ok else "[red]error[/] ") + escape(_clip(t.observation, 40))
+            status = ("[green]ok[/] " if t.ok else "[red]error[/] ") + escape(clip(t.observation, 40))
         elif t.start is not None:
             status = Spinner("dots", text="running")
         else:
@@ -90,6 +90,7 @@ def plan_view(board: PlanBoard, call: int | None = None) -> RenderableType:
     return Group(plan, table)
 
 
-def _clip(text: str, n: int) -> str:
+def clip(text: str, n: int = 200) -> str:
+    """`text` on one line, at most `n` characters (an ellipsis marks a cut)."""
     text = " ".join(text.split())
     return text if len(text) <= n else text[:n - 1] + "…"

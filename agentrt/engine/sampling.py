@@ -200,21 +200,17 @@ class MaskFiller:
         """Mask `logits` ([rows, V]) with the masks `start` filled (a no-op for a step without constraints)."""
         if self._pending is None:
             return
-        import xgrammar
-
         rows, bitmask, done = self._pending
         self._pending = None
         done.result()
-        xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+        _apply_bitmask(logits, bitmask, rows)
 
     def mask(self, logits: torch.Tensor, constrained: list[tuple[int, TokenConstraint]]) -> None:
-        """Fill and apply at once (no forward to overlap with)."""
-        overlap, self.overlap = self.overlap, False
-        try:
-            self.start(constrained, logits.shape[0])
-        finally:
-            self.overlap = overlap
-        self.apply(logits)
+        """Fill and apply at once, on this thread (no forward to overlap with)."""
+        if constrained:
+            bitmask = self._bitmask(logits.shape[0])
+            self._fill(constrained, bitmask)
+            _apply_bitmask(logits, bitmask, [i for i, _ in constrained])
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
@@ -232,3 +228,9 @@ class MaskFiller:
             constraint.fill_next_token_bitmask(bitmask, row)
         if len(self.seconds) < 100_000:
             self.seconds.append((time.perf_counter() - start) / len(constrained))
+
+
+def _apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    import xgrammar  # its kernels load on the first constrained step
+
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
