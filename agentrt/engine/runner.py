@@ -14,6 +14,7 @@ import torch
 from agentrt.engine.cuda_graphs import DecodeGraphs
 from agentrt.engine.kv import KVPool, KVSequence
 from agentrt.engine.scheduler import Work
+from agentrt.engine.sequence import PromptLogprobs
 from agentrt.errors import InvalidRequestError
 from agentrt.engine.exact import PREFILL_TILES, Tiles
 from agentrt.engine.kernels import triton_ready
@@ -83,6 +84,31 @@ class ModelRunner:
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev),
             exact=None if exact_row is None else ExactRows(exact_row, exact_logit, self.tiles),
         )
+
+    @torch.inference_mode()
+    def score_prompt(self, tokens: list[int], top: int = 0, chunk: int = 256) -> PromptLogprobs:
+        """Each token's log-probability (and rank, and the `top` most likely tokens) given the ones before
+        it, from one prefill of `tokens` on pages of its own, as the engine prefills (batch-invariant kernels,
+        in chunks of `chunk`). Its full pages then enter the prefix cache: a request for the same prompt
+        that follows reads them instead of prefilling again. On the engine thread (Engine.call); raises
+        OutOfPagesError when the pool has no room for the prompt now."""
+        pool = self.pool
+        held = pool.match_prefix(tokens)  # a lookup only: what the cache offered before this pass
+        cached = held.length
+        pool.free(held)
+        pool.prefix_hit_tokens -= cached
+        out = PromptLogprobs([None], [None], [None], cached_tokens=cached)
+        kv = KVSequence()
+        try:
+            for start in range(0, len(tokens), chunk):
+                targets = tokens[start + 1:start + chunk + 1]  # what each fed token's logits predict
+                logits = feed_sequence(self.model, pool, kv, tokens[start:start + chunk], tiles=self.tiles)
+                if targets:
+                    _score_rows(logits[:len(targets)], targets, top, out)
+            pool.register_prefix(kv, tokens)
+        finally:
+            pool.free(kv)
+        return out
 
     # --- hogwild views ------------------------------------------------------------------------------
     def view_graphs(self) -> DecodeGraphs:
@@ -191,6 +217,24 @@ def feed_sequence(model: Transformer, pool: KVPool, seq: KVSequence, tokens: lis
     batch = BatchInput(torch.tensor(tokens, device=dev), torch.tensor(seq.positions[-n:], device=dev),
                        slots.to(dev), [g], torch.arange(n, device=dev), ExactRows(0, 0, tiles) if exact else None)
     return model(batch, pool.k, pool.v)
+
+
+def _score_rows(logits: torch.Tensor, targets: list[int], top: int, out: PromptLogprobs) -> None:
+    """Append to `out` each row's log-probability and rank of its target, and its `top` best tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+    want = torch.tensor(targets, device=logp.device)[:, None]
+    chosen = logp.gather(1, want)  # [n, 1]
+    parts = [chosen.view(-1).double(), ((logp > chosen).sum(dim=1) + 1).double()]
+    if top:
+        best = logp.topk(top, dim=-1)
+        parts += [best.values.reshape(-1).double(), best.indices.reshape(-1).double()]
+    host = torch.cat(parts).tolist()  # one copy to the host
+    n = len(targets)
+    out.logprobs += host[:n]
+    out.ranks += [int(r) for r in host[n:2 * n]]
+    values, ids = host[2 * n:2 * n + n * top], host[2 * n + n * top:]
+    out.top_logprobs += [{int(t): v for t, v in zip(ids[i * top:(i + 1) * top], values[i * top:(i + 1) * top])}
+                         for i in range(n)]
 
 
 def graphable(cfg) -> bool:

@@ -16,7 +16,7 @@ from agentrt.engine.kv import KVSequence
 from agentrt.engine.sampling import SamplingParams
 from agentrt.engine.tokens import Detokenizer, StopChecker
 
-__all__ = ["Sequence", "Output", "Completion"]
+__all__ = ["Sequence", "Output", "Completion", "PromptLogprobs"]
 
 
 @dataclass
@@ -67,6 +67,18 @@ class Completion:
             top_logprobs=([t for p in parts for t in p.top_logprobs or []]
                           if any(p.top_logprobs for p in parts) else None),
         )
+
+
+@dataclass
+class PromptLogprobs:
+    """How likely the model found each prompt token given the ones before it (`ModelRunner.score_prompt`):
+    the model's own distribution, no temperature, penalty or grammar. Index 0 (the first token, which
+    nothing predicts) is None in every list."""
+
+    logprobs: list[float | None]
+    ranks: list[int | None]  # 1: the model's most likely token there
+    top_logprobs: list[dict[int, float] | None]  # the k most likely tokens at each position, best first
+    cached_tokens: int = 0  # prompt tokens the prefix cache held before the pass (it prefills them all)
 
 
 @dataclass(eq=False)

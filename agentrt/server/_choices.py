@@ -13,7 +13,10 @@ import anyio
 from fastapi import Request
 
 from agentrt.chat import ChatResult, stream_chat
+from agentrt.engine.kv import OutOfPagesError
 from agentrt.engine.sampling import SamplingParams
+from agentrt.engine.sequence import PromptLogprobs
+from agentrt.errors import OverloadedError
 from agentrt.server._http import error_parts, leaf_error
 from agentrt.server._protocol import WARNINGS_HEADER
 
@@ -63,11 +66,37 @@ def token_entries(outputs: list) -> list[tuple[int, float, dict[int, float] | No
     return out
 
 
-class ChoiceRun:
-    """One choice of a request: its decode, with chunk payloads for SSE and logprobs in OpenAI's shape."""
+async def score_prompt(engine, ids: list[int], top: int) -> PromptLogprobs:
+    """The prompt's own logprobs (echo with logprobs, prompt_logprobs): one prefill on the engine thread,
+    whose pages the generation that follows reads from the prefix cache."""
+    try:
+        return await asyncio.wrap_future(engine.call(lambda e: e.runner.score_prompt(ids, top)))
+    except OutOfPagesError as exc:
+        raise OverloadedError(f"no KV cache room to score the prompt's {len(ids)} tokens now ({exc}); "
+                              "retry") from None
 
-    def __init__(self, engine, index: int, prompt_ids: list[int], params: SamplingParams, top: int | None) -> None:
+
+def prompt_logprobs_of(scores: PromptLogprobs, ids: list[int], k: int, tokenizer) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt token after the first, {token id: {logprob, rank, decoded_token}}
+    for its k most likely tokens and itself."""
+    out: list[dict | None] = [None]
+    for t, lp, rank, top in zip(ids[1:], scores.logprobs[1:], scores.ranks[1:], scores.top_logprobs[1:]):
+        entry = {t: (lp, rank)}
+        for r, (a, alp) in enumerate(list(top.items())[:k], start=1):
+            entry.setdefault(a, (alp, r))
+        out.append({str(a): {"logprob": alp, "rank": r, "decoded_token": tokenizer.decode([a])}
+                    for a, (alp, r) in entry.items()})
+    return out
+
+
+class ChoiceRun:
+    """One choice of a request: its decode, with chunk payloads for SSE and logprobs in OpenAI's shape.
+    `prompt`: the prompt's own logprobs, when the request asked for them (scored before the decode)."""
+
+    def __init__(self, engine, index: int, prompt_ids: list[int], params: SamplingParams, top: int | None,
+                 prompt: PromptLogprobs | None = None) -> None:
         self.tap, self.index, self.prompt_ids, self.params, self.top = Tap(engine), index, prompt_ids, params, top
+        self.prompt = prompt
         self.tokenizer = engine.tokenizer
         self._sent = 0  # outputs whose logprobs went out in a chunk
         self.all_logprobs: dict | None = None
@@ -97,6 +126,8 @@ class ChoiceRun:
                     yield self._payload(*held), None
                 held = (value, logprobs)
             elif kind == "result":
+                if self.prompt is not None:  # the scoring pass put the prompt in the cache: not a hit
+                    value.cached_tokens = self.prompt.cached_tokens
                 text, before = held if held is not None else (None, None)
                 yield self._payload(text, join_logprobs(before, logprobs), value), value
                 return
@@ -123,8 +154,9 @@ def join_logprobs(a: dict | None, b: dict | None) -> dict | None:
 
 
 class ChatChoice(ChoiceRun):
-    def __init__(self, engine, index: int, prompt_ids: list[int], matcher, params: SamplingParams, top: int) -> None:
-        super().__init__(engine, index, prompt_ids, params, top)
+    def __init__(self, engine, index: int, prompt_ids: list[int], matcher, params: SamplingParams, top: int,
+                 prompt: PromptLogprobs | None = None) -> None:
+        super().__init__(engine, index, prompt_ids, params, top, prompt)
         self.matcher = matcher
 
     async def _events(self):
@@ -168,11 +200,19 @@ class ChatChoice(ChoiceRun):
 
 
 class CompletionChoice(ChoiceRun):
+    """A legacy completion: `echo` is the prompt's text, given back first; with `prompt` (its scores)
+    and `top` set, `logprobs` starts with the prompt's tokens (the first one's null, as OpenAI gives it);
+    `prompt_top` (vLLM's prompt_logprobs) adds their alternatives in vLLM's shape to the first payload."""
+
     def __init__(self, engine, index: int, prompt_ids: list[int], params: SamplingParams, top: int | None,
-                 echo: str) -> None:
-        super().__init__(engine, index, prompt_ids, params, top)
+                 echo: str, prompt: PromptLogprobs | None = None, prompt_top: int | None = None) -> None:
+        super().__init__(engine, index, prompt_ids, params, top, prompt)
         self.echo = echo
-        self._offset = len(echo)  # text_offset of the next token
+        self._echoed = bool(echo) and prompt is not None  # the prompt's logprobs are still to go out
+        self._offset = 0 if self._echoed else len(echo)  # text_offset of the next token
+        self.prompt_logprobs = None if prompt_top is None else prompt_logprobs_of(prompt, prompt_ids, prompt_top,
+                                                                                  engine.tokenizer)
+        self._first = True
 
     async def _events(self):
         text = []
@@ -191,24 +231,42 @@ class CompletionChoice(ChoiceRun):
 
     def _payload(self, text: str | None, logprobs: dict | None, result: ChatResult | None = None,
                  extra: dict | None = None) -> dict:
-        return {"index": self.index, "text": text or "", "logprobs": logprobs,
-                "finish_reason": None if result is None else result.finish_reason}
+        payload = {"index": self.index, "text": text or "", "logprobs": logprobs,
+                   "finish_reason": None if result is None else result.finish_reason}
+        if self._first and self.prompt_logprobs is not None:
+            payload["prompt_logprobs"] = self.prompt_logprobs
+        self._first = False
+        return payload
+
+    def _prompt_entries(self) -> list[tuple[int, float | None, dict[int, float] | None]]:
+        p, ids = self.prompt, self.prompt_ids
+        return [(ids[0], None, None), *zip(ids[1:], p.logprobs[1:], p.top_logprobs[1:])]
 
     def logprobs(self, outputs: list) -> dict | None:
         """The legacy shape: tokens, token_logprobs, top_logprobs (the sampled token always among them,
-        as vLLM reports it) and text_offset."""
+        as vLLM reports it) and text_offset; the echoed prompt's tokens first."""
         if self.top is None:
             return None
         tokens, lps, tops, offsets = [], [], [], []
-        for t, lp, alts in token_entries(outputs):
-            text = self._text(t)
-            best = dict(list(alts.items())[:self.top])
-            best.setdefault(t, lp)
-            tokens.append(text)
-            lps.append(lp)
-            tops.append({self._text(a): alp for a, alp in best.items()})
-            offsets.append(self._offset)
-            self._offset += len(text)
+
+        def add(entries) -> None:
+            for t, lp, alts in entries:
+                text = self._text(t)
+                tokens.append(text)
+                lps.append(lp)
+                if alts is None:
+                    tops.append(None)
+                else:
+                    best = dict(list(alts.items())[:self.top])
+                    best.setdefault(t, lp)
+                    tops.append({self._text(a): alp for a, alp in best.items()})
+                offsets.append(self._offset)
+                self._offset += len(text)
+
+        if self._echoed:
+            add(self._prompt_entries())
+            self._echoed, self._offset = False, len(self.echo)  # the text goes on after the whole echo
+        add(token_entries(outputs))
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -262,10 +320,11 @@ def usage_of(results: list[ChatResult], per_prompt: int | None = None) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-async def sse_chunks(choices: list[ChoiceRun], rid: str, model: str, options: dict[str, Any], prompt_tokens: int):
+async def sse_chunks(choices: list[ChoiceRun], rid: str, model: str, options: dict[str, Any], prompt_tokens: int,
+                     first_extra: dict | None = None):
     """SSE chunks of every choice, interleaved as they come; `include_usage` adds a last chunk with the
     usage and no choices, and with it `continuous_usage_stats` (vLLM's extension) the usage so far on
-    every chunk."""
+    every chunk. `first_extra`: top-level fields of the first chunk (chat's prompt_logprobs)."""
     created = int(time.time())
     chat = isinstance(choices[0], ChatChoice)
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -275,19 +334,21 @@ async def sse_chunks(choices: list[ChoiceRun], rid: str, model: str, options: di
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion}
 
-    def chunk(choice: dict | None, totals: dict | None = None) -> str:
+    def chunk(choice: dict | None, totals: dict | None = None, extra: dict | None = None) -> str:
         obj: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model,
-                               "choices": [] if choice is None else [choice]}
+                               "choices": [] if choice is None else [choice], **(extra or {})}
         if continuous and totals is None:
             totals = usage(sum(c.tokens_so_far() for c in choices))
         if totals is not None:
             obj["usage"] = totals
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+    extra = first_extra or None
     for c in choices:
         first = c.first()
         if first is not None:
-            yield chunk(first)
+            yield chunk(first, extra=extra)
+            extra = None
     results: list[ChatResult] = []
     try:
         async for choice, result in merge_streams([c.payloads() for c in choices], choices[0].tap.started):

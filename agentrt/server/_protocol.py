@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agentrt.errors import ContextLengthError, InvalidRequestError
 from agentrt.grammar import TOOL_ARGUMENT_CAPS
 from agentrt.grammar._schema import json_extent
-from agentrt.engine.sampling import SamplingParams
+from agentrt.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from agentrt.threads import ThreadOptions
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ class SamplingRequest(BaseModel):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     repetition_penalty: float | None = None  # extension (vLLM's): over prompt and output tokens
+    # extension (vLLM's): each prompt token's logprob with its k most likely alternatives
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -154,6 +156,9 @@ def check_common(body: SamplingRequest) -> None:
     """What OpenAI refuses in the fields chat and completions share."""
     if body.stream_options is not None and not body.stream:
         raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
+    if (body.model_extra or {}).get("use_beam_search"):  # vLLM's extension: refused, not ignored
+        raise InvalidRequestError("use_beam_search: agentrt has no beam search (ask for n sampled choices)",
+                                  param="use_beam_search")
 
 
 def check_tool_choice(choice: Any, tools: list | None) -> None:

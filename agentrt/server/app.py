@@ -28,7 +28,9 @@ from agentrt.server._choices import (
     ChatChoice,
     CompletionChoice,
     agentrt_extension,
+    prompt_logprobs_of,
     run_choices,
+    score_prompt,
     sse_chunks,
     usage_of,
     warning_headers,
@@ -151,10 +153,14 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
         params = sampling_params_of(body, len(prompt_ids), engine.max_context, limit=limit,
                            logprobs=bool(body.logprobs) or top > 0, top_logprobs=top)
         rid = f"chatcmpl-{secrets.token_hex(12)}"
-        choices = [ChatChoice(engine, i, ids, matcher, p, top)
+        k = body.prompt_logprobs
+        scores = None if k is None else await score_prompt(engine, prompt_ids, k)
+        extra = {"prompt_logprobs": None if scores is None else prompt_logprobs_of(scores, prompt_ids, k, engine.tokenizer)}
+        choices = [ChatChoice(engine, i, ids, matcher, p, top, scores)
                    for i, ((ids, matcher), p) in enumerate(zip(prepared, params))]
         if body.stream:
-            return StreamingResponse(sse_chunks(choices, rid, body.model, body.stream_options or {}, len(prompt_ids)),
+            return StreamingResponse(sse_chunks(choices, rid, body.model, body.stream_options or {}, len(prompt_ids),
+                                                first_extra=extra if scores is not None else None),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
         results = await run_choices(request, rid, choices)
         if results is None:  # the client went away; nobody reads this
@@ -170,7 +176,7 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
                         "logprobs": choice.all_logprobs, "agentrt": agentrt_extension(result)})
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": int(time.time()), "model": body.model,
-            "choices": out, "usage": usage_of(results),
+            "choices": out, "usage": usage_of(results), **extra,
         }, headers=headers)
 
     @app.post("/v1/completions")
@@ -182,12 +188,18 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
             raise InvalidRequestError("suffix (fill-in-the-middle) is not supported by agentrt", param="suffix")
         prompts = await anyio.to_thread.run_sync(completion_prompts, engine, body.prompt)
         top = body.logprobs
+        # the prompt's own logprobs: echoed with logprobs (OpenAI), or vLLM's prompt_logprobs
+        echo_scores = body.echo and top is not None
+        scored = max((top or 0) if echo_scores else 0, body.prompt_logprobs or 0)
         choices = []
         for k, ids in enumerate(prompts):
             params = sampling_params_of(body, len(ids), engine.max_context, limit=body.max_tokens,
                                logprobs=top is not None, top_logprobs=top or 0)
             echo = engine.tokenizer.decode(ids) if body.echo else ""
-            choices += [CompletionChoice(engine, k * body.n + i, ids, p, top, echo) for i, p in enumerate(params)]
+            scores = await score_prompt(engine, ids, scored) if echo_scores or body.prompt_logprobs is not None \
+                else None
+            choices += [CompletionChoice(engine, k * body.n + i, ids, p, top, echo, scores, body.prompt_logprobs)
+                        for i, p in enumerate(params)]
         rid = f"cmpl-{secrets.token_hex(12)}"
         if body.stream:
             return StreamingResponse(sse_chunks(choices, rid, body.model, body.stream_options or {},
@@ -197,7 +209,7 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
         if results is None:
             return Response(status_code=499)
         out = [{"index": c.index, "text": c.echo + r.content, "finish_reason": r.finish_reason,
-                "logprobs": c.all_logprobs} for c, r in zip(choices, results)]
+                "logprobs": c.all_logprobs, "prompt_logprobs": c.prompt_logprobs} for c, r in zip(choices, results)]
         return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()),
                              "model": body.model, "choices": out, "usage": usage_of(results, per_prompt=body.n)})
 

@@ -9,6 +9,7 @@ import math
 import openai
 import pytest
 
+from agentrt.engine import SamplingParams
 from agentrt.server import create_app
 from agentrt.testing import LiveServer
 
@@ -163,6 +164,78 @@ def test_completions_create(api):
         assert stop not in cut.text and cut.finish_reason == "stop"
 
 
+def test_echo_with_logprobs_scores_the_prompt(api):
+    """echo + logprobs: the prompt's tokens come first, the first with null, as OpenAI gives them; a prompt
+    token's logprob is what the model gave that token when it generated it."""
+    client, engine = api
+    prompt = "Scoring a prompt nobody sent before, long enough to fill two pages of the KV cache: " * 2
+    ids = engine.encode(prompt)
+    gen = engine.generate_sync(ids, SamplingParams(max_tokens=2, logprobs=True))
+    continued = ids + gen.token_ids
+    r = client.completions.create(model="tiny-random", prompt=continued, max_tokens=2, temperature=0, echo=True,
+                                  logprobs=2)
+    lp, n = r.choices[0].logprobs, len(continued)
+    assert lp.tokens[:n] == [engine.tokenizer.decode([t]) for t in continued]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == n + 2
+    for tok, value, top in zip(lp.tokens[1:n], lp.token_logprobs[1:n], lp.top_logprobs[1:n]):
+        assert value <= 0 and tok in top and len(top) <= 3 and top[tok] == value
+        assert max(top.values()) >= value
+    # the first generated token was sampled from the prefill's logits, which the scoring pass recomputes
+    # by the same kernels; the second came from a decode step (other kernels: close, not equal)
+    assert lp.token_logprobs[len(ids)] == pytest.approx(gen.logprobs[0], abs=1e-5)
+    assert lp.token_logprobs[len(ids) + 1] == pytest.approx(gen.logprobs[1], abs=2e-2)
+    assert r.choices[0].text.startswith(engine.tokenizer.decode(continued))
+    assert lp.text_offset[:n] == [sum(map(len, lp.tokens[:i])) for i in range(n)]
+    assert lp.text_offset[n] == len(engine.tokenizer.decode(continued))
+    # the scoring pass changes nothing about the generation
+    plain = client.completions.create(model="tiny-random", prompt=continued, max_tokens=2, temperature=0, logprobs=2)
+    assert plain.choices[0].logprobs.tokens == lp.tokens[n:]
+    streamed = list(client.completions.create(model="tiny-random", prompt=continued, max_tokens=2, temperature=0,
+                                              echo=True, logprobs=2, stream=True))
+    assert streamed[0].choices[0].logprobs.tokens[:n] == lp.tokens[:n]
+    joined = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    assert joined == lp.token_logprobs
+    # a prompt new to the cache: none of it was cached (the scoring pass puts it there, and the generation
+    # reads it from there: that is not a cache hit of the request); the next request's is
+    fresh = "Another prompt, never sent, as long as two pages of the cache hold. " * 3
+    zero = client.completions.create(model="tiny-random", prompt=fresh, max_tokens=1, echo=True, logprobs=0)
+    assert all(len(top) == 1 for top in zero.choices[0].logprobs.top_logprobs[1:])
+    again = client.completions.create(model="tiny-random", prompt=fresh, max_tokens=1)
+    assert zero.usage.prompt_tokens_details.cached_tokens == 0 < again.usage.prompt_tokens_details.cached_tokens
+    assert engine.pool.num_in_use == 0
+
+
+def test_prompt_logprobs_as_vllm_gives_them(api):
+    client, engine = api
+    prompts = ["A robot may not injure another robot", "My name is"]
+    r = client.completions.create(model="tiny-random", prompt=prompts, max_tokens=2,
+                                  extra_body={"prompt_logprobs": 2})
+    for choice, prompt in zip(r.choices, prompts):
+        ids = engine.encode(prompt)
+        entries = choice.prompt_logprobs
+        assert len(entries) == len(ids) and entries[0] is None
+        for t, entry in zip(ids[1:], entries[1:]):
+            assert str(t) in entry and 2 <= len(entry) <= 3  # its 2 best and the prompt's token
+            assert entry[str(t)]["decoded_token"] == engine.tokenizer.decode([t])
+            ranks = sorted(e["rank"] for k, e in entry.items() if k != str(t))
+            assert ranks[:2] == [1, 2] or entry[str(t)]["rank"] <= 2
+            best = max(entry.values(), key=lambda e: e["logprob"])
+            assert best["rank"] == 1 and entry[str(t)]["logprob"] <= best["logprob"]
+    assert getattr(client.completions.create(model="tiny-random", prompt="My name is", max_tokens=1).choices[0],
+                   "prompt_logprobs", None) is None
+    chat = client.chat.completions.create(model="tiny-random", messages=MSGS, max_tokens=2,
+                                          extra_body={"prompt_logprobs": 0})
+    assert len(chat.prompt_logprobs) == chat.usage.prompt_tokens and chat.prompt_logprobs[0] is None
+    assert all(len(e) == 1 for e in chat.prompt_logprobs[1:])
+    stream = list(client.chat.completions.create(model="tiny-random", messages=MSGS, max_tokens=2, stream=True,
+                                                 extra_body={"prompt_logprobs": 0}))
+    assert stream[0].prompt_logprobs == chat.prompt_logprobs
+    assert all(getattr(c, "prompt_logprobs", None) is None for c in stream[1:])
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny-random", prompt="My name is", extra_body={"prompt_logprobs": -1})
+    assert err.value.body["param"] == "prompt_logprobs"
+
+
 def test_usage_says_how_many_prompt_tokens_the_prefix_cache_gave(api):
     client, _ = api
     msgs = [{"role": "user", "content": "A prompt long enough to fill whole KV pages. " * 8 + "Go on."}]
@@ -208,6 +281,7 @@ def test_chat_requests_openai_refuses_are_400s(api, kwargs, param):
     ({"logprobs": 21}, "top_logprobs"),
     ({"prompt": ""}, "prompt"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"extra_body": {"use_beam_search": True}}, "use_beam_search"),
 ])
 def test_completion_requests_openai_refuses_are_400s(api, kwargs, param):
     client, _ = api
