@@ -21,7 +21,7 @@ import anyio
 from pydantic import TypeAdapter, ValidationError
 
 from agentrt import planner
-from agentrt.backends import Backend, collect_notes, open_backend
+from agentrt.backends import Backend, LocalBackend, RemoteBackend, collect_notes, open_backend
 from agentrt.chat import ChatOptions, ChatResult
 from agentrt.choice import check_forced_call, normalize_tool_choice
 from agentrt.engine.hogwild import HogwildPool
@@ -57,6 +57,11 @@ class Agent(Generic[T]):
     as OpenAI's `{"type": "function", "function": {"name": ...}}` (the first turn calls that tool). A first
     turn that comes back without the call it was asked for is an error, never a plain answer.
 
+    `logprobs`, `top_logprobs` (0-20), `frequency_penalty`, `presence_penalty` and `repetition_penalty`
+    shape chat mode's turns (as the OpenAI parameters do; the other modes decode under their own grammars
+    and refuse them); on the local engine `RunResult.stats["logprobs"]` then holds, per model turn, each
+    token's {"token", "logprob", "top_logprobs"} (logprob None where the grammar forced the token).
+
     An Agent is a context manager (`with` or `async with`): it closes its backend on exit."""
 
     def __init__(self, model: Any = None, tools: Iterable[Any] = (), *, mode: str = "chat",
@@ -64,7 +69,9 @@ class Agent(Generic[T]):
                  timeout: float | None = None, temperature: float = 0.0, max_tokens: int = 512,
                  tool_top_k: int | None = None, tool_choice: str | dict = "auto", grammar_options: dict | None = None,
                  workers: int = 4, thread_options: Any = None, plan_options: dict | None = None,
-                 approve: Approver | None = None, device: str | None = None, dtype: str | None = None) -> None:
+                 approve: Approver | None = None, device: str | None = None, dtype: str | None = None,
+                 logprobs: bool = False, top_logprobs: int = 0, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0, repetition_penalty: float = 1.0) -> None:
         if mode not in MODES:
             raise InvalidRequestError(f"mode {mode!r} is not one of {', '.join(MODES)}", param="mode")
         if isinstance(thread_options, dict):
@@ -88,6 +95,12 @@ class Agent(Generic[T]):
         self.plan_options = dict(plan_options or {})
         self.approve = approve
         self.params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+        chat_only = {"logprobs": logprobs, "top_logprobs": top_logprobs, "frequency_penalty": frequency_penalty,
+                     "presence_penalty": presence_penalty, "repetition_penalty": repetition_penalty}
+        self.chat_params = replace(self.params, **chat_only)  # checked here: a bad value is an error now
+        if mode != "chat" and self.chat_params != self.params:
+            name = next(k for k, v in chat_only.items() if getattr(self.params, k) != v)
+            raise InvalidRequestError(f"{name} shapes chat mode's turns; mode {mode!r} does not take it", param=name)
         self._model, self._device, self._dtype = model, device, dtype
         self._backend: Backend | None = None
         self._closed = False
@@ -180,7 +193,7 @@ class Agent(Generic[T]):
                 return await self._thread(prompt, emit, notes)
             stats: dict[str, Any] = {}
             if self.mode == "chat":
-                text, calls, messages, steps = await self._chat(prompt, emit, history)
+                text, calls, messages, steps = await self._chat(prompt, emit, history, stats)
             elif self.mode == "hogwild":
                 text, calls, messages, steps = await self._hogwild(prompt, emit, stats)
             else:
@@ -189,13 +202,21 @@ class Agent(Generic[T]):
             await emit(Final(RunResult(output, text, self.mode, calls, messages, steps, notes=list(notes),
                                        stats=stats)))
 
-    async def _chat(self, prompt: str, emit: Callable, history: list[dict]
+    async def _chat(self, prompt: str, emit: Callable, history: list[dict], stats: dict
                     ) -> tuple[str, list[ToolEnd], list[dict], int]:
         messages: list[dict] = ([{"role": "system", "content": self.instructions}] if self.instructions else [])
         messages.extend(history)
         messages.append({"role": "user", "content": prompt})
         done: list[ToolEnd] = []
         tools = self._offered(prompt)
+        backend, turns = self.backend, None
+        if self.chat_params != self.params and isinstance(backend, RemoteBackend):
+            raise BackendCapabilityError(f"{backend.name}: logprobs and penalties are not sent to remote servers",
+                                         feature="sampling")
+        if self.chat_params.logprobs and isinstance(backend, LocalBackend):  # each turn's tokens, as they go
+            recorder = _TokenLog(backend.engine)
+            backend, turns = LocalBackend(recorder, compiler=backend.compiler), []
+            stats["logprobs"] = turns
         answer_now = False  # set once the model only repeats calls already made: it answers in text
         for step in range(1, self.max_steps + 1):
             final_turn = step == self.max_steps or answer_now
@@ -203,12 +224,14 @@ class Agent(Generic[T]):
             options = ChatOptions(tools=[] if final_turn else tools, tool_choice=choice,
                                   schema_options=self.grammar_options)
             result: ChatResult | None = None
-            async for ev in self.backend.chat(messages, options, self.params):
+            async for ev in backend.chat(messages, options, self.chat_params):
                 if isinstance(ev, ChatResult):
                     result = ev
                 elif ev.kind == "content":
                     await emit(TextDelta(ev.text))
             assert result is not None
+            if turns is not None:
+                turns.append(recorder.take())
             calls = [c for c in result.tool_calls if c.complete]  # one cut by max_tokens never runs
             if not calls and result.refused and not result.content.strip() and not final_turn:
                 answer_now = True  # it repeated a call whose result it has: the next turn answers
@@ -412,6 +435,32 @@ class Agent(Generic[T]):
                         {"role": "user", "content": f"That JSON is not valid: {error}. Answer again with JSON "
                                                     f"that matches this schema: {json.dumps(schema)}"}]
         raise AssertionError("unreachable")
+
+
+class _TokenLog:
+    """The engine as a chat turn sees it, keeping each token's logprobs on the way (Agent(logprobs=True))."""
+
+    def __init__(self, engine) -> None:
+        self._engine, self._outputs = engine, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator:
+        async for out in self._engine.stream(*args, **kwargs):
+            self._outputs.append(out)
+            yield out
+
+    def take(self) -> list[dict]:
+        """The tokens streamed since the last take, as OpenAI's chat logprobs content."""
+        decode, entries = self._engine.tokenizer.decode, []
+        for out in self._outputs:
+            n = len(out.token_ids)
+            for t, lp, top in zip(out.token_ids, out.logprobs or [None] * n, out.top_logprobs or [None] * n):
+                entries.append({"token": decode([t]), "logprob": lp, "top_logprobs": [
+                    {"token": decode([a]), "logprob": alp} for a, alp in (top or {}).items()]})
+        self._outputs = []
+        return entries
 
 
 def _short_validation_error(exc: Exception) -> str:

@@ -67,11 +67,42 @@ def test_timeout_is_a_clear_error(tiny_engine):
 
 @pytest.mark.parametrize("kwargs,param", [({"mode": "bogus"}, "mode"), ({"tool_choice": "never"}, "tool_choice"),
                                           ({"workers": 0}, "workers"), ({"thread_options": {"buffer": -1}}, "buffer"),
-                                          ({"thread_options": {"depth": 2}}, "thread_options")])
+                                          ({"thread_options": {"depth": 2}}, "thread_options"),
+                                          ({"top_logprobs": 21}, "top_logprobs"),
+                                          ({"presence_penalty": 3.0}, "presence_penalty"),
+                                          ({"mode": "plan", "frequency_penalty": 1.0}, "frequency_penalty"),
+                                          ({"mode": "thread", "logprobs": True}, "logprobs")])
 def test_bad_options_are_rejected(kwargs, param):
     with pytest.raises(InvalidRequestError) as err:
         agentrt.Agent("tiny-random", **kwargs)
     assert err.value.param == param
+
+
+def test_chat_mode_takes_logprobs_and_penalties(tiny_engine):
+    def turns(**kwargs):
+        agent = agentrt.Agent(LocalBackend(tiny_engine), max_tokens=12, logprobs=True, **kwargs)
+        return agent.run_sync("the the the the").stats["logprobs"]
+
+    greedy = turns(top_logprobs=2)
+    assert len(greedy) == 1 and 1 <= len(greedy[0]) <= 12  # one model turn, its tokens
+    for entry in greedy[0]:
+        alts = [a["logprob"] for a in entry["top_logprobs"]]
+        assert len(alts) == 2 and alts == sorted(alts, reverse=True)
+        assert entry["token"] == entry["top_logprobs"][0]["token"] and entry["logprob"] == pytest.approx(alts[0])
+    tokens = [e["token"] for e in greedy[0]]
+    assert len(set(tokens)) < len(tokens), "precondition: tiny-random's greedy output repeats a token"
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repetition_penalty": 2.0}):
+        assert [e["token"] for e in turns(**penalty)[0]] != tokens, penalty
+    assert "logprobs" not in agentrt.Agent(LocalBackend(tiny_engine), max_tokens=2).run_sync("hi").stats
+    assert tiny_engine.pool.num_in_use == 0
+
+
+def test_penalties_are_refused_by_a_remote_backend_that_would_drop_them():
+    from agentrt.errors import BackendCapabilityError
+
+    agent = agentrt.Agent("openai:http://127.0.0.1:9/v1#m", frequency_penalty=1.0)  # nothing is sent
+    with pytest.raises(BackendCapabilityError, match="remote"):
+        agent.run_sync("hi")
 
 
 @agentrt.tool
