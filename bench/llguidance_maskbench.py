@@ -3,8 +3,10 @@ per-token mask time, and accept/reject agreement with each test instance's `vali
 
 Both see the same SmolLM2 tokenizer and the same instance text (compact separators, keys in the
 schema's order, as tests/grammar/maskbench_eval.py lays it out). Run:
-    pip install llguidance==1.9.1  # not a dependency of agentrt
-    python bench/llguidance_maskbench.py [--stride 20] [--json OUT]
+    python bench/llguidance_maskbench.py [--stride 20] [--json OUT] [--only agentrt xgrammar ...]
+The `agentrt` run is the policy GrammarCompiler(backend="auto") applies, through the server's isolated
+compiles: xgrammar unless it would drop a keyword llguidance enforces, cannot take the schema, or
+compiles past --fallback-after seconds; it reports which backend served how many schemas.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "grammar"))
 
-from maskbench_eval import maskbench_files, percentile, serialise  # noqa: E402
+from maskbench_eval import maskbench_files, percentile, serialise
 
 MAX_TOKENS = 256  # mask timings per instance
 # bench/results/llguidance_maskbench.json: --stride 20 (49 schemas) on 2 busy shared cores, llguidance 1.9.1,
@@ -49,6 +51,41 @@ def run_xgrammar(cases, tok) -> dict:
             m = compiled.matcher()
             ok = _walk(stats, tok, test, case, lambda: m.fill_next_token_bitmask(bitmask, 0), m.accept_token)
             stats.vote(bool(test["valid"]), ok and m.accept_token(tok.eos_token_id))
+    return stats.summary()
+
+
+def run_agentrt(cases, tok, *, timeout: float, fallback_after: float) -> dict:
+    """agentrt's own choice per schema (GrammarCompiler backend="auto", isolated compiles as the server
+    runs them): which backend served each schema, and the same counts as the runs above."""
+    import anyio
+
+    from agentrt.engine.constraint import allocate_bitmask
+    from agentrt.errors import AgentrtError
+    from agentrt.grammar import CompileCache, GrammarCompiler, JsonSchema
+
+    compiler = GrammarCompiler(tok, vocab_size=49152, cache=CompileCache(max_bytes=64 << 20), isolate=True,
+                               timeout=timeout, fallback_after=fallback_after)
+    compiler.pool.prestart()
+    bitmask = allocate_bitmask(1, 49152)
+    stats = _Stats()
+
+    async def compile_one(schema):
+        return await compiler.compile_async(JsonSchema(schema, allow_undeclared=True))
+
+    for name, case in cases:
+        t0 = time.perf_counter()
+        try:
+            compiled = anyio.run(compile_one, case["schema"])
+        except AgentrtError:
+            stats.failed.append(name)
+            continue
+        stats.compile.append(time.perf_counter() - t0)
+        stats.served[compiled.backend] = stats.served.get(compiled.backend, 0) + 1
+        for test in case["tests"]:
+            m = compiled.matcher()
+            ok = _walk(stats, tok, test, case, lambda: m.fill_next_token_bitmask(bitmask, 0), m.accept_token)
+            stats.vote(bool(test["valid"]), ok and m.accept_token(tok.eos_token_id))
+    compiler.pool.close()
     return stats.summary()
 
 
@@ -104,6 +141,7 @@ class _Stats:
         self.mask: list[float] = []
         self.agree = self.total = 0
         self.loose = self.tight = 0  # invalid accepted / valid rejected
+        self.served: dict[str, int] = {}  # backend -> schemas it served (agentrt's policy only)
 
     def vote(self, valid: bool, accepted: bool) -> None:
         self.total += 1
@@ -122,6 +160,7 @@ class _Stats:
             "mask_us_p50": round(percentile(us, 0.5), 1), "mask_us_p99": round(percentile(us, 0.99), 1),
             "instances": self.total, "agreement": round(self.agree / max(1, self.total), 4),
             "invalid_accepted": self.loose, "valid_rejected": self.tight,
+            **({"served": self.served} if self.served else {}),
         }
 
 
@@ -131,13 +170,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--stride", type=int, default=20, help="every n-th MaskBench schema (1: all 980)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--only", nargs="*", default=None, help="runs to do (llguidance, llguidance_lenient, xgrammar, agentrt)")
+    p.add_argument("--timeout", type=float, default=30.0, help="agentrt run: the compile deadline")
+    p.add_argument("--fallback-after", type=float, default=5.0, help="agentrt run: xgrammar's share of it")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
     tok = load_tokenizer("tiny-random")
     cases = [(f.name, json.loads(f.read_text())) for f in maskbench_files(args.stride)]
     out: dict = {"schemas": len(cases)}
-    for name, run in (("llguidance", run_llguidance), ("llguidance_lenient", lambda c, t: run_llguidance(
-            c, t, lenient=True)), ("xgrammar", run_xgrammar)):
+    runs = {"llguidance": run_llguidance, "llguidance_lenient": lambda c, t: run_llguidance(c, t, lenient=True),
+            "xgrammar": run_xgrammar,
+            "agentrt": lambda c, t: run_agentrt(c, t, timeout=args.timeout, fallback_after=args.fallback_after)}
+    for name, run in runs.items():
+        if args.only is not None and name not in args.only:
+            continue
         out[name] = run(cases, tok)
         print(name, json.dumps(out[name]), flush=True)
     if args.json:

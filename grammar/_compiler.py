@@ -25,13 +25,22 @@ import xgrammar as xgr
 
 from agentrt.errors import GrammarError, OverloadedError
 from agentrt.grammar._bounds import DEFAULT_LIMITS, GrammarLimits, check_grammar
-from agentrt.grammar._constraints import Constraint
-from agentrt.grammar._isolate import Compiled, WorkerPool, constraint_param, describe
+from agentrt.grammar._constraints import Constraint, JsonSchema
+from agentrt.grammar._isolate import (
+    Compiled,
+    WorkerPool,
+    compile_checked,
+    constraint_param,
+    describe,
+    mark_recoverable,
+    recoverable,
+)
+from agentrt.grammar._llguidance import LLGuidanceGrammar, compile_schema
 
 if TYPE_CHECKING:
     from agentrt.grammar._matcher import Matcher
 
-__all__ = ["CompiledConstraint", "CompileCache", "GrammarCompiler", "tokenizer_info", "DEFAULT_CACHE"]
+__all__ = ["DEFAULT_CACHE", "CompileCache", "CompiledConstraint", "GrammarCompiler", "tokenizer_info"]
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +49,7 @@ log = logging.getLogger(__name__)
 class CompiledConstraint:
     """A constraint compiled for one tokenizer; `matcher()` gives a fresh per-sequence matcher."""
 
-    grammar: xgr.CompiledGrammar
+    grammar: xgr.CompiledGrammar | LLGuidanceGrammar
     key: str
     warnings: list[str] = field(default_factory=list)
     compile_seconds: float = 0.0
@@ -49,6 +58,11 @@ class CompiledConstraint:
     @property
     def memory_size_bytes(self) -> int:
         return int(self.grammar.memory_size_bytes)
+
+    @property
+    def backend(self) -> str:
+        """Which library serves the grammar: "xgrammar" or "llguidance"."""
+        return "llguidance" if isinstance(self.grammar, LLGuidanceGrammar) else "xgrammar"
 
     def matcher(self, *, stop_token_ids: list[int] | None = None) -> Matcher:
         """A fresh matcher at the start of the grammar; `stop_token_ids` overrides the tokenizer's."""
@@ -116,6 +130,13 @@ class GrammarCompiler:
     `isolate=True` (what the server uses) runs `compile_async` in worker processes killed at the
     timeout, at most `max_concurrent` at a time; otherwise compiles run in threads and one that
     times out finishes in the background.
+
+    `backend` picks the library per JSON schema (other constraints are xgrammar's): "auto" serves a
+    schema with llguidance where xgrammar would loosen a keyword llguidance enforces (or, `strict`,
+    refuse it), where xgrammar cannot take the schema (too large, or its compiler refuses it), and
+    where xgrammar's compile runs past `fallback_after` seconds of the deadline; "xgrammar" never
+    uses llguidance, "llguidance" uses it for every schema it compiles. llguidance needs a Hugging Face
+    fast tokenizer (a compiler made from a `TokenizerInfo` is xgrammar only).
     """
 
     def __init__(
@@ -129,7 +150,11 @@ class GrammarCompiler:
         max_concurrent: int = 2,
         limits: GrammarLimits = DEFAULT_LIMITS,
         isolate: bool = False,
+        backend: str = "auto",
+        fallback_after: float = 5.0,
     ) -> None:
+        if backend not in ("auto", "xgrammar", "llguidance"):
+            raise ValueError(f"backend must be 'auto', 'xgrammar' or 'llguidance', got {backend!r}")
         self.info = (
             tokenizer if isinstance(tokenizer, xgr.TokenizerInfo) else tokenizer_info(tokenizer, vocab_size)
         )
@@ -139,6 +164,8 @@ class GrammarCompiler:
         self.timeout = timeout
         self.limits = limits
         self.isolate = isolate
+        self.backend, self.fallback_after = backend, fallback_after
+        self._hf = None if isinstance(tokenizer, xgr.TokenizerInfo) or backend == "xgrammar" else tokenizer
         self._xgr = xgr.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=False)
         self._inflight: dict[str, cf.Future[CompiledConstraint]] = {}
         self._lock = threading.Lock()
@@ -199,21 +226,42 @@ class GrammarCompiler:
                 raise OverloadedError(f"{constraint!r} waited {limit:g}s for one of the compile slots, all busy; "
                                       "retry later") from None
             try:
+                first = await anyio.to_thread.run_sync(self._llguidance_first, constraint)
+                if first is not None:
+                    _settle(fut, first)
+                    with self._lock:
+                        self._inflight.pop(self._key(constraint), None)
+                    return
+                # llguidance's compile in reserve (ms): xgrammar then has `fallback_after` of the deadline
+                spare = await anyio.to_thread.run_sync(self._spare, constraint)
+                budget = min(limit, self.fallback_after) if spare is not None else limit
                 blob = _pickled(constraint) if self.pool is not None else None
                 if blob is None:
                     # abandoned at the deadline: the compile finishes in its thread and fills the cache
-                    with anyio.move_on_after(limit):
-                        await anyio.to_thread.run_sync(self._run, constraint, fut, abandon_on_cancel=True)
+                    with anyio.move_on_after(budget):
+                        await anyio.to_thread.run_sync(self._run, constraint, fut, False, abandon_on_cancel=True)
+                    if not fut.done() and spare is not None:
+                        log.info("grammar %s: served by llguidance (xgrammar took over %gs)", constraint.key[:12],
+                                 budget)
+                        _settle(fut, self._store(constraint, *spare))
                     return
-                await self._run_isolated(constraint, blob, fut, limit)
+                try:
+                    await self._run_isolated(constraint, blob, fut, budget)
+                except GrammarError as e:
+                    if not (recoverable(e) and spare is not None):
+                        raise
+                    log.info("grammar %s: served by llguidance (xgrammar: %s)", constraint.key[:12], e)
+                    _settle(fut, self._store(constraint, *spare))
+                    with self._lock:
+                        self._inflight.pop(self._key(constraint), None)
             finally:
                 self._slots.release()
-        except BaseException as e:  # noqa: BLE001 - handed to every waiter; cancellation goes on up
+        except BaseException as e:
             if not fut.done():
                 fut.set_exception(e if isinstance(e, Exception) else
                                   GrammarError(f"compiling {constraint!r} was cancelled", param="grammar"))
             with self._lock:
-                self._inflight.pop(constraint.key, None)
+                self._inflight.pop(self._key(constraint), None)
             if not isinstance(e, Exception):
                 raise
 
@@ -230,9 +278,9 @@ class GrammarCompiler:
                 with anyio.fail_after(limit):
                     reply = await anyio.to_thread.run_sync(worker.run, blob, abandon_on_cancel=True)
             except TimeoutError:
-                raise GrammarError(f"compiling {constraint!r} took longer than {limit:g}s and was stopped; "
-                                   "simplify the schema or grammar, or raise the compile timeout",
-                                   param="grammar") from None
+                raise mark_recoverable(GrammarError(
+                    f"compiling {constraint!r} took longer than {limit:g}s and was stopped; simplify the schema "
+                    "or grammar, or raise the compile timeout", param="grammar")) from None
         except GrammarError as e:
             if "was stopped" in str(e):
                 self.pool.kill(worker)
@@ -245,13 +293,13 @@ class GrammarCompiler:
         self.pool.release(worker)
         if reply is None:  # a constraint class the worker cannot import
             with anyio.move_on_after(limit):
-                await anyio.to_thread.run_sync(self._run, constraint, fut, abandon_on_cancel=True)
+                await anyio.to_thread.run_sync(self._run, constraint, fut, False, abandon_on_cancel=True)
             return
         try:
             fut.set_result(await anyio.to_thread.run_sync(self._adopt, constraint, reply))
         finally:
             with self._lock:
-                self._inflight.pop(constraint.key, None)
+                self._inflight.pop(self._key(constraint), None)
 
     def _adopt(self, constraint: Constraint, reply: Compiled) -> CompiledConstraint:
         """A worker's result as ours: its compiled grammar, or a recompile known to be quick."""
@@ -261,19 +309,82 @@ class GrammarCompiler:
             compiled = self._xgr.compile_grammar(xgr.Grammar.deserialize_json(reply.grammar_json))
         return self._store(constraint, compiled, reply.warnings, reply.seconds)
 
-    def _store(self, constraint: Constraint, compiled: xgr.CompiledGrammar, warnings: list[str],
-               seconds: float) -> CompiledConstraint:
+    def _store(self, constraint: Constraint, compiled: xgr.CompiledGrammar | LLGuidanceGrammar,
+               warnings: list[str], seconds: float) -> CompiledConstraint:
         result = CompiledConstraint(compiled, constraint.key, warnings, seconds, self.fingerprint)
         for w in warnings:
             log.warning("grammar %s: %s", constraint.key[:12], w)
-        self.cache.put((self.fingerprint, constraint.key), result)
+        self.cache.put((self.fingerprint, self._key(constraint)), result)
+        return result
+
+    def _key(self, constraint: Constraint) -> str:
+        """The cache key: a compiler that forces a backend keeps its grammars apart from "auto"'s."""
+        return constraint.key if self.backend == "auto" else f"{constraint.key}/{self.backend}"
+
+    def _llguidance_may(self, constraint: Constraint) -> bool:
+        return self._hf is not None and isinstance(constraint, JsonSchema)
+
+    def _llguidance(self, constraint: JsonSchema, *, lenient: bool) -> CompiledConstraint:
+        return self._store(constraint, *self._llguidance_compile(constraint, lenient=lenient))
+
+    def _llguidance_compile(self, constraint: JsonSchema, *,
+                            lenient: bool) -> tuple[LLGuidanceGrammar, list[str], float]:
+        t0 = time.perf_counter()
+        compiled, warnings = compile_schema(constraint, self.info, hf_tokenizer=self._hf,
+                                            fingerprint=self.fingerprint, lenient=lenient)
+        return compiled, warnings, time.perf_counter() - t0
+
+    def _spare(self, constraint: Constraint) -> tuple[LLGuidanceGrammar, list[str], float] | None:
+        """llguidance's compile of a schema, not stored: what serves it if xgrammar cannot."""
+        if not self._llguidance_may(constraint):
+            return None
+        try:
+            return self._llguidance_compile(constraint, lenient=not _strict(constraint))
+        except GrammarError as e:
+            log.debug("grammar %s: no llguidance reserve (%s)", constraint.key[:12], e)
+            return None
+
+    def _llguidance_first(self, constraint: Constraint) -> CompiledConstraint | None:
+        """The schema compiled by llguidance, where it should not go to xgrammar at all: xgrammar would
+        drop a keyword (or, `strict`, refuse the schema) that llguidance enforces, or the compiler
+        forces llguidance. Only a grammar whose every rule can finish (`check_grammar` on xgrammar's
+        form of the rest of the schema); None: xgrammar's turn."""
+        if not self._llguidance_may(constraint):
+            return None
+        try:
+            norm = constraint.normalized(collect=True)
+            if self.backend == "auto" and not norm.loosened:
+                return None
+            grammar = xgr.Grammar.from_ebnf(constraint.ebnf(collect=True)[0])
+            check_grammar(str(grammar), describe(constraint), self.limits, param=constraint_param(constraint))
+        except (GrammarError, RuntimeError) as e:
+            if not recoverable(e) and not (isinstance(e, GrammarError) and " is too large" in str(e)):
+                return None  # xgrammar's path says what is wrong
+        try:
+            return self._llguidance(constraint, lenient=self.backend == "llguidance" and not _strict(constraint))
+        except GrammarError as e:
+            log.info("grammar %s: llguidance cannot serve it either (%s)", constraint.key[:12], e)
+            return None
+
+    def _fallback(self, constraint: Constraint, error: GrammarError) -> CompiledConstraint:
+        """llguidance's compile of a schema xgrammar could not take (`error`, raised again if
+        llguidance cannot serve it either)."""
+        if not (recoverable(error) and self._llguidance_may(constraint)):
+            raise error
+        try:
+            result = self._llguidance(constraint, lenient=not _strict(constraint))
+        except GrammarError as e:
+            log.info("grammar %s: llguidance cannot serve it either (%s)", constraint.key[:12], e)
+            raise error from None
+        log.info("grammar %s: served by llguidance (xgrammar: %s)", constraint.key[:12], error)
         return result
 
     def _claim(self, constraint: Constraint) -> tuple[cf.Future[CompiledConstraint], bool]:
         """The future for this constraint's result, and whether the caller must run the compile."""
-        ckey = (self.fingerprint, constraint.key)
+        key = self._key(constraint)
+        ckey = (self.fingerprint, key)
         with self._lock:
-            fut = self._inflight.get(constraint.key)
+            fut = self._inflight.get(key)
             if fut is not None:
                 return fut, False
             fut = cf.Future()
@@ -281,24 +392,41 @@ class GrammarCompiler:
             if hit is not None:
                 fut.set_result(hit)
                 return fut, False
-            self._inflight[constraint.key] = fut
+            self._inflight[key] = fut
             return fut, True
 
-    def _run(self, constraint: Constraint, fut: cf.Future[CompiledConstraint]) -> None:
+    def _run(self, constraint: Constraint, fut: cf.Future[CompiledConstraint], first: bool = True) -> None:
         try:
             t0 = time.perf_counter()
-            grammar, warnings = constraint.build()
-            check_grammar(str(grammar), describe(constraint), self.limits, param=constraint_param(constraint))
-            try:
-                compiled = self._xgr.compile_grammar(grammar)
-            except RuntimeError as e:
-                raise GrammarError(f"cannot compile {constraint!r}: {e}", param="grammar") from e
-            fut.set_result(self._store(constraint, compiled, warnings, time.perf_counter() - t0))
+            result = self._llguidance_first(constraint) if first else None
+            if result is None:
+                try:
+                    _, warnings, compiled, _ = compile_checked(self._xgr, constraint, self.limits)
+                    result = self._store(constraint, compiled, warnings, time.perf_counter() - t0)
+                except GrammarError as e:
+                    result = self._fallback(constraint, e)
+            _settle(fut, result)
         except BaseException as e:  # noqa: BLE001 - handed to every waiter
-            fut.set_exception(e)
+            _settle(fut, error=e)
         finally:
             with self._lock:
-                self._inflight.pop(constraint.key, None)
+                self._inflight.pop(self._key(constraint), None)
+
+
+def _settle(fut: cf.Future[CompiledConstraint], result: CompiledConstraint | None = None, *,
+            error: BaseException | None = None) -> None:
+    """Complete `fut` unless another path did first (llguidance while xgrammar's thread ran on)."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    except cf.InvalidStateError:
+        pass
+
+
+def _strict(constraint: JsonSchema) -> bool:
+    return constraint.strict if constraint.strict is not None else constraint.schema.get("strict") is True
 
 
 def _pickled(constraint: Constraint) -> bytes | None:

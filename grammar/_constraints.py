@@ -16,9 +16,9 @@ import xgrammar as xgr
 
 from agentrt.errors import GrammarError
 from agentrt.grammar._json import first_line, json_schema_ebnf
-from agentrt.grammar._schema import normalize_schema
+from agentrt.grammar._schema import NormalizedSchema, normalize_schema
 
-__all__ = ["Constraint", "JsonSchema", "Json", "Regex", "Ebnf", "Lark", "Choice"]
+__all__ = ["Choice", "Constraint", "Ebnf", "Json", "JsonSchema", "Lark", "Regex"]
 
 
 class Constraint(ABC):
@@ -100,15 +100,22 @@ class JsonSchema(Constraint):
             self.max_untyped_depth,
         ]
 
-    def ebnf(self) -> tuple[str, list[str]]:
-        """The grammar as EBNF text (what `ToolCalls` embeds), with warnings."""
-        norm = normalize_schema(
+    def normalized(self, *, collect: bool = False, rewrite: bool = True) -> NormalizedSchema:
+        """The schema normalised with this constraint's options (see `normalize_schema`)."""
+        return normalize_schema(
             self.schema,
             strict=self.strict,
             allow_undeclared=self.allow_undeclared,
             max_integer_digits=self.max_number_digits,
             max_string_length=self.max_string_length,
+            collect=collect,
+            rewrite=rewrite,
         )
+
+    def ebnf(self, *, collect: bool = False) -> tuple[str, list[str]]:
+        """The grammar as EBNF text (what `ToolCalls` embeds), with warnings; `collect=True` builds
+        it even where `strict` would refuse a keyword it drops (to check the rest of the grammar)."""
+        norm = self.normalized(collect=collect)
         text, missing = json_schema_ebnf(
             norm.schema,
             separators=self.separators,

@@ -24,7 +24,7 @@ import xgrammar as xgr
 from agentrt.errors import GrammarError
 from agentrt.grammar._bounds import GrammarLimits, check_grammar
 
-__all__ = ["WorkerPool", "Compiled", "constraint_param", "describe"]
+__all__ = ["Compiled", "WorkerPool", "compile_checked", "constraint_param", "describe", "mark_recoverable", "recoverable"]
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ class _Worker:
             raise EOFError("the grammar worker exited") from e
         kind, *rest = pickle.loads(_recv(self.proc.stdout))
         if kind == "error":
-            raise GrammarError(rest[0], param=rest[1])
+            error = GrammarError(rest[0], param=rest[1])
+            raise mark_recoverable(error) if rest[2] else error
         return Compiled(*rest) if kind == "ok" else None
 
     def alive(self) -> bool:
@@ -178,21 +179,42 @@ def _serve(inp, out) -> None:
             _send(out, pickle.dumps(("unknown", f"{type(e).__name__}: {e}")))
             continue
         try:
-            grammar, warnings = constraint.build()
-            check_grammar(str(grammar), describe(constraint), limits, param=constraint_param(constraint))
-            t0 = time.perf_counter()
-            try:
-                compiled = compiler.compile_grammar(grammar)
-            except RuntimeError as e:
-                raise GrammarError(f"cannot compile {constraint!r}: {e}", param="grammar") from e
-            seconds = time.perf_counter() - t0
+            grammar, warnings, compiled, seconds = compile_checked(compiler, constraint, limits)
             blob = compiled.serialize_json() if seconds >= RECOMPILE_BELOW else None
             reply: tuple = ("ok", grammar.serialize_json(), list(warnings), seconds, blob)
         except GrammarError as e:
-            reply = ("error", str(e), e.param)
+            reply = ("error", str(e), e.param, recoverable(e))
         except Exception as e:  # noqa: BLE001 - a constraint's own fault: reported to its caller
             reply = ("error", f"cannot build {constraint!r}: {type(e).__name__}: {e}", "grammar")
         _send(out, pickle.dumps(reply))
+
+
+def compile_checked(compiler: xgr.GrammarCompiler, constraint: Any,
+                    limits: GrammarLimits) -> tuple[xgr.Grammar, list[str], xgr.CompiledGrammar, float]:
+    """Build `constraint`, check its grammar against `limits` and compile it: (grammar, warnings,
+    compiled grammar, compile seconds). A GrammarError that only says xgrammar cannot take the grammar
+    (too large, or its compiler refuses it) is `recoverable`: another backend may serve the constraint."""
+    grammar, warnings = constraint.build()
+    try:
+        check_grammar(str(grammar), describe(constraint), limits, param=constraint_param(constraint))
+    except GrammarError as e:
+        raise mark_recoverable(e) if " is too large" in str(e) else e
+    t0 = time.perf_counter()
+    try:
+        compiled = compiler.compile_grammar(grammar)
+    except RuntimeError as e:
+        raise mark_recoverable(GrammarError(f"cannot compile {constraint!r}: {e}", param="grammar")) from e
+    return grammar, warnings, compiled, time.perf_counter() - t0
+
+
+def mark_recoverable(error: GrammarError) -> GrammarError:
+    """Mark `error` as xgrammar's own limit (size, compiler, deadline), not the constraint's fault."""
+    error.xgrammar_only = True
+    return error
+
+
+def recoverable(error: BaseException) -> bool:
+    return bool(getattr(error, "xgrammar_only", False))
 
 
 def constraint_param(constraint: Any) -> str:

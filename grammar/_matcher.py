@@ -1,7 +1,7 @@
 """The per-sequence matcher the engine drives (agentrt.engine.constraint.TokenConstraint over xgrammar's
-GrammarMatcher): the engine's one mask filler (agentrt.engine.sampling.MaskFiller) asks it for its row
-of the step's bitmask while the forward runs (XGrammar's overlap). Near the end of a token budget a
-matcher can steer JSON to close (`close_by`).
+GrammarMatcher, or llguidance's where that backend serves the grammar): the engine's one mask filler
+(agentrt.engine.sampling.MaskFiller) asks it for its row of the step's bitmask while the forward runs
+(XGrammar's overlap). Near the end of a token budget a matcher can steer JSON to close (`close_by`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import xgrammar as xgr
 
 from agentrt.engine.constraint import TokenConstraint, bitmask_width
 from agentrt.grammar._boundary import TokenBoundaries
+from agentrt.grammar._llguidance import LLGuidanceGrammar
 
 if TYPE_CHECKING:
     from agentrt.grammar._compiler import CompiledConstraint
 
-__all__ = ["Matcher", "MAX_JUMP_FORWARD"]
+__all__ = ["MAX_JUMP_FORWARD", "Matcher"]
 
 MAX_JUMP_FORWARD = 256
 
@@ -34,10 +35,12 @@ class Matcher:
 
     def __init__(self, compiled: CompiledConstraint, *, stop_token_ids: list[int] | None = None) -> None:
         self.compiled = compiled
-        self.vocab_size = int(compiled.grammar.tokenizer_info.vocab_size)
-        self.xgr = xgr.GrammarMatcher(compiled.grammar, override_stop_tokens=stop_token_ids)
         info = compiled.grammar.tokenizer_info
+        self.vocab_size = int(info.vocab_size)
         self.stop_token_ids = list(stop_token_ids if stop_token_ids is not None else info.stop_token_ids)
+        # the backend's own matcher: xgrammar's, or llguidance's behind the same methods
+        self.xgr = (compiled.grammar.matcher(self.stop_token_ids) if isinstance(compiled.grammar, LLGuidanceGrammar)
+                    else xgr.GrammarMatcher(compiled.grammar, override_stop_tokens=stop_token_ids))
         self._vocab = _boundaries(compiled).vocab  # each token's bytes (one list per tokenizer)
         self.num_accepted = 0
         self.closing_from: int | None = None  # see close_by

@@ -18,7 +18,7 @@ import xgrammar as xgr
 
 from agentrt.errors import GrammarError
 
-__all__ = ["NormalizedSchema", "normalize_schema", "json_extent"]
+__all__ = ["NormalizedSchema", "json_extent", "normalize_schema"]
 
 # BFCL / Python / Java-ish type names → JSON Schema types (None: no type constraint).
 _TYPE_ALIASES: dict[str, str | None] = {
@@ -61,6 +61,7 @@ _UPPER_BOUNDS = {"maximum", "exclusiveMaximum", "maxLength", "maxItems", "maxPro
 class NormalizedSchema:
     schema: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    loosened: list[str] = field(default_factory=list)  # the warnings about keywords xgrammar's grammar drops
 
 
 def normalize_schema(
@@ -70,6 +71,8 @@ def normalize_schema(
     allow_undeclared: bool = False,
     max_integer_digits: int | None = None,
     max_string_length: int | None = None,
+    collect: bool = False,
+    rewrite: bool = True,
 ) -> NormalizedSchema:
     """Return a copy of `schema` the grammar compiler understands, plus warnings.
 
@@ -78,6 +81,10 @@ def normalize_schema(
     may carry properties their schema does not name when it does not say (JSON Schema's default);
     `max_integer_digits` bounds integers without bounds of their own, `max_string_length` strings
     that have a `minLength` but no `maxLength` (other strings are capped in the grammar itself).
+    `collect=True` records keywords the grammar would loosen (`loosened`) instead of refusing them
+    under `strict`; `rewrite=False` skips the rewrites only xgrammar's grammar needs (patterns anchored
+    to the whole string, forbidden `false` properties dropped), for a backend that reads JSON Schema
+    itself (llguidance).
     """
     if schema is True:
         schema = {}
@@ -99,9 +106,11 @@ def normalize_schema(
         allow_undeclared=allow_undeclared,
         max_integer_digits=max_integer_digits,
         max_string_length=max_string_length,
+        collect=collect,
+        rewrite=rewrite,
     )
     out = norm.walk(out, "")
-    return NormalizedSchema(out, norm.warnings)
+    return NormalizedSchema(out, norm.warnings, norm.loosened)
 
 
 class _Normalizer:
@@ -112,7 +121,11 @@ class _Normalizer:
         allow_undeclared: bool,
         max_integer_digits: int | None,
         max_string_length: int | None,
+        collect: bool = False,
+        rewrite: bool = True,
     ) -> None:
+        self.collect, self.rewrite = collect, rewrite
+        self.loosened: list[str] = []
         self.max_string_length = max_string_length
         self.strict = strict
         self.allow_undeclared = allow_undeclared
@@ -120,8 +133,11 @@ class _Normalizer:
         self.warnings: list[str] = []
 
     def warn(self, path: str, msg: str, *, loosens: bool = True) -> None:
-        """Record what the grammar does differently; under `strict`, a keyword it loosens is an error."""
-        if loosens and self.strict:
+        """Record what the grammar does differently; under `strict`, a keyword it loosens is an error
+        (unless `collect`)."""
+        if loosens:
+            self.loosened.append(f"{path or '/'}: {msg}")
+        if loosens and self.strict and not self.collect:
             raise GrammarError(f"{path or '/'}: {msg}; strict mode requires every keyword to be enforced: remove "
                                "it or drop strict", param="schema")
         self.warnings.append(f"{path or '/'}: {msg}")
@@ -180,7 +196,8 @@ class _Normalizer:
         if isinstance(s.get("pattern"), str):
             if _LOOKAROUND.search(s["pattern"]):
                 self.warn(path, "lookaround assertions in 'pattern' are ignored by the grammar")
-            s["pattern"] = _anchor(s["pattern"])
+            if self.rewrite:
+                s["pattern"] = _anchor(s["pattern"])
         for key in _SUBSCHEMA_MAPS:
             if isinstance(s.get(key), dict):
                 s[key] = {k: self.walk(v, f"{path}/{key}/{k}") for k, v in s[key].items()}
@@ -195,7 +212,7 @@ class _Normalizer:
         for key in _SUBSCHEMA_ONE:
             if isinstance(s.get(key), dict):
                 s[key] = self.walk(s[key], f"{path}/{key}")
-        if isinstance(s.get("properties"), dict):
+        if isinstance(s.get("properties"), dict) and self.rewrite:
             self._forbidden_properties(s, path)
         if "object" in _types_of(s) or "properties" in s:
             self._object_rules(s)

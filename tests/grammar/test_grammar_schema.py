@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from agentrt.errors import GrammarError
-from agentrt.grammar import JsonSchema, normalize_schema
+from agentrt.grammar import CompileCache, GrammarCompiler, JsonSchema, normalize_schema
 
 
 def test_bfcl_types_map_to_json_schema(accepts):
@@ -106,12 +106,24 @@ def test_refs_and_defs_resolve(accepts):
     ],
 )
 def test_unenforced_keywords_are_reported_not_silently_loosened(
-    accepts, compiler, keyword, schema, violating
+    accepts, compiler, tokenizer, keyword, schema, violating
 ):
-    compiled = compiler.compile(JsonSchema(schema))
+    xgr_only = GrammarCompiler(tokenizer, vocab_size=49152, cache=CompileCache(), backend="xgrammar")
+    compiled = xgr_only.compile(JsonSchema(schema))
     assert any(keyword in w for w in compiled.warnings), compiled.warnings
-    if violating is not None:  # the warning is true: the grammar does let the violation through
-        assert accepts(JsonSchema(schema), violating)
+    if violating is not None:  # the warning is true: xgrammar's grammar does let the violation through
+        assert _accepts(compiled, tokenizer, violating)
+    served = compiler.compile(JsonSchema(schema))  # the default policy: llguidance where it enforces the keyword
+    if served.backend == "llguidance":
+        assert served.warnings == [] and (violating is None or not accepts(JsonSchema(schema), violating))
+    else:
+        assert any(keyword in w for w in served.warnings), served.warnings
+
+
+def _accepts(compiled, tokenizer, text: str) -> bool:
+    m = compiled.matcher()
+    return all(m.accept_token(t) for t in tokenizer.encode(text, add_special_tokens=False)) and m.accept_token(
+        tokenizer.eos_token_id)
 
 
 def test_enforced_keywords_raise_no_warning(compiler, accepts):
