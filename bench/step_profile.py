@@ -2,6 +2,9 @@
 or streaming), timed, then a torch.profiler table of its ops (self CPU time), per --quant.
 
 Run: `python -m bench.step_profile [--quant gguf none] [--batch 1] [--context 100] [--steps 10]`.
+A quant mode may name a path: `gguf:plain` runs quantized decode steps through forward's general path
+instead of the quantized decode step, `gguf:uncapped` runs that step on torch's own thread count.
+Times are wall clock and this process's CPU time (the latter moves less on a busy machine).
 """
 
 from __future__ import annotations
@@ -31,6 +34,19 @@ def step_fn(engine, batch: int, context: int):
     return step
 
 
+def load(engine_cls, args, mode: str):
+    """An engine for a --quant mode: "QUANT" or "QUANT:plain" / "QUANT:uncapped" (see the module doc)."""
+    quant, _, path = mode.partition(":")
+    engine = engine_cls.load(args.model, device=args.device, dtype=args.dtype, quant=quant)
+    if path == "plain":
+        engine.model.quantized_decode = False
+    elif path == "uncapped":
+        engine.model.kernel_threads = None
+    elif path:
+        raise SystemExit(f"unknown path {path!r} in --quant {mode} (plain or uncapped)")
+    return engine
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
@@ -43,19 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rows", type=int, default=20, help="ops in each table")
     args = ap.parse_args(argv)
-    steps = {q: step_fn(Engine.load(args.model, device=args.device, dtype=args.dtype, quant=q), args.batch,
-                        args.context) for q in args.quant}
+    steps = {q: step_fn(load(Engine, args, q), args.batch, args.context) for q in args.quant}
     times: dict[str, list[float]] = {q: [] for q in steps}
+    cpu: dict[str, list[float]] = {q: [] for q in steps}
     for f in steps.values():
         f()
     for _ in range(3 * args.steps):  # interleaved
         for q, f in steps.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             f()
             times[q].append(time.perf_counter() - t0)
+            cpu[q].append(time.process_time() - c0)
     print(f"{args.model}, batch {args.batch}, context {args.context}, {torch.get_num_threads()} threads")
     for q, f in steps.items():
-        print(f"quant {q}: step median {statistics.median(times[q]) * 1000:.1f} ms, min {min(times[q]) * 1000:.1f} ms")
+        print(f"quant {q}: step median {statistics.median(times[q]) * 1000:.1f} ms, min {min(times[q]) * 1000:.1f} ms; "
+              f"CPU time median {statistics.median(cpu[q]) * 1000:.1f} ms")
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.steps):
                 f()

@@ -211,6 +211,10 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
         self.head_quant: quant.QuantWeight | None = None  # the LM head's quantized twin (agentrt.engine.quant)
+        # decode steps over quantized weights on the CPU run _decode_quantized (False: forward's general
+        # path, for comparisons), on the threads the cores others leave (None: torch's count)
+        self.quantized_decode = True
+        self.kernel_threads: quant.KernelThreads | None = quant.KernelThreads()
 
     def head(self) -> torch.Tensor | quant.QuantWeight:
         """The LM head's weight [V, hidden]: quantized where the model is, else the (tied) dense one."""
@@ -221,6 +225,10 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: BatchInput, k_pools: torch.Tensor, v_pools: torch.Tensor) -> torch.Tensor:
         # k_pools, v_pools: [L, S, KV, D]; returns logits [M, V] in fp32
+        if self._quantized_decode(batch):
+            if self.kernel_threads is not None:
+                self.kernel_threads.apply()
+            return self._decode_quantized(batch, k_pools, v_pools)
         x = self.embed(batch.input_ids)  # [N, hidden]
         rope = Rotary.turns(*self.rotary.cos_sin(batch.positions), x.dtype)  # [N, 1, D] each, for every layer
         split, tiles = batch.split()
@@ -256,6 +264,47 @@ class Transformer(nn.Module):
             h, res = kernels.add_rms_norm(m, res, nxt.weight, eps)
         return linear(h, self.head(), None, None, exact.PREFILL_TILES).float()  # [R, V]
 
+    def _quantized_decode(self, batch: BatchInput) -> bool:
+        """Whether `batch` is a step the quantized CPU decode runs: quantized weights, every row one new
+        token of its own sequence in one attention group (no batch-invariant rows, moved keys or cascade)."""
+        if not self.quantized_decode or self.head_quant is None or batch.exact is not None or len(batch.groups) != 1:
+            return False
+        g, n = batch.groups[0], batch.input_ids.shape[0]
+        return (g.slots is not None and g.key_delta is None and not g.shared and g.rows.shape == (n, 1)
+                and batch.input_ids.device.type == "cpu" and torch.equal(g.rows.view(-1), torch.arange(n)))
+
+    def _decode_quantized(self, batch: BatchInput, k_pools: torch.Tensor, v_pools: torch.Tensor) -> torch.Tensor:
+        """The forward of a decode step over quantized weights on the CPU, in fewer and larger ops (at batch 1
+        a step is ~200 small ops besides its GEMVs): activations stay in the kernels' bf16 from a norm through
+        its linears, RoPE turns q and k together as one bmm by each row's rotation matrix, and the key gather
+        and mask are built once for every layer. Logits [M, V] fp32, as forward's within rounding."""
+        cfg, c = self.cfg, quant.COMPUTE
+        nh, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        g, b = batch.groups[0], batch.input_ids.shape[0]
+        t = g.slots.shape[1]
+        gather = g.slots.reshape(-1)  # [B * T]
+        x = self.embed(batch.input_ids)  # [B, hidden], the residual stream in the model's dtype
+        mask = None if bool(g.mask.all()) else self._additive_mask(g, x.dtype)  # [B, 1, 1, T]
+        turn = _rope_matrix(*self.rotary.cos_sin(batch.positions))  # [B, D, D]
+        for i, layer in enumerate(self.layers):
+            attn = layer.attn
+            qkv = _matmul(attn.qkv, layer.attn_norm(x).to(c), c)  # [B, (H + 2 KV) D]
+            qk = qkv[:, :(nh + kv) * d].view(b, nh + kv, d)
+            if attn.q_norm is not None:
+                qk = torch.cat([attn.q_norm(qk[:, :nh]), attn.k_norm(qk[:, nh:])], dim=1)
+            qk = torch.bmm(qk.float(), turn).to(k_pools.dtype)  # [B, H + KV, D], rotated
+            k_pools[i].index_copy_(0, batch.write_slots, qk[:, nh:])
+            v_pools[i].index_copy_(0, batch.write_slots, qkv[:, (nh + kv) * d:].view(b, kv, d).to(v_pools.dtype))
+            kg = k_pools[i].index_select(0, gather).view(b, t, kv, d).transpose(1, 2)  # [B, KV, T, D]
+            vg = v_pools[i].index_select(0, gather).view(b, t, kv, d).transpose(1, 2)
+            # grouped queries: the query heads of one KV head attend as its rows
+            o = F.scaled_dot_product_attention(qk[:, :nh].view(b, kv, nh // kv, d), kg, vg, attn_mask=mask)
+            x = x + _matmul(attn.o, o.reshape(b, nh * d).to(c), c)
+            gate, up = _matmul(layer.mlp.gate_up, layer.mlp_norm(x).to(c), c).chunk(2, dim=-1)
+            x = x + _matmul(layer.mlp.down, F.silu(gate) * up, c)
+        x = self.norm(x[batch.logits_rows])  # [M, hidden]
+        return self.head_quant.mm(x, torch.float32)
+
     def _grouped_mask(self, g: AttentionGroup) -> torch.Tensor:
         """[b, 1, q, T] bool -> [b, 1, rep * q, T] bool, rows ordered like grouped queries."""
         rep = self.cfg.num_heads // self.cfg.num_kv_heads
@@ -270,6 +319,20 @@ class Transformer(nn.Module):
         b, _, nq, t = g.mask.shape
         add = torch.zeros(g.mask.shape, dtype=dtype, device=g.mask.device).masked_fill_(~g.mask, float("-inf"))
         return add if nq == 1 else add.unsqueeze(2).expand(b, 1, rep, nq, t).reshape(b, 1, rep * nq, t)
+
+
+def _matmul(lin: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A linear layer (dense or quant.QuantLinear) on x, its product in `dtype`; [N, in] -> [N, out]."""
+    w = lin.weight
+    y = F.linear(x.to(w.dtype), w).to(dtype) if isinstance(w, torch.Tensor) else w.mm(x, dtype)
+    return y if lin.bias is None else y + lin.bias
+
+
+def _rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """cos/sin [B, D] -> [B, D, D]: v @ m[b] is Rotary.turn of v at row b's position (the identity's
+    cos on the diagonal plus the signed sin half a turn off it)."""
+    cos, signed = (t.squeeze(-2) for t in Rotary.turns(cos, sin, torch.float32))
+    return torch.diag_embed(cos) + torch.diag_embed(signed).roll(cos.shape[-1] // 2, dims=-2)
 
 
 _CASCADE = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")

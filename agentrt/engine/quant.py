@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +25,8 @@ from torch import nn
 from agentrt.engine import models
 from agentrt.errors import InvalidRequestError, UnsupportedModelError
 
-__all__ = ["QUANT_CHOICES", "Int4Weight", "Int8Weight", "QuantLinear", "resolve_quant", "gguf_source",
-           "read_gguf_weights", "quantize_model", "dense_weight"]
+__all__ = ["QUANT_CHOICES", "Int4Weight", "Int8Weight", "QuantLinear", "KernelThreads", "resolve_quant",
+           "gguf_source", "read_gguf_weights", "quantize_model", "dense_weight"]
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +55,10 @@ class Int4Weight:
         scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(COMPUTE).contiguous()
         return cls(packed, scale_zero, tuple(q.shape))
 
-    def mm(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [M, in] -> [M, out] in x's dtype
+    def mm(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        # x: [M, in] -> [M, out] in `dtype` (default x's)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(COMPUTE), self.packed, GROUP, self.scale_zero)
-        return y.to(x.dtype)
+        return y.to(x.dtype if dtype is None else dtype)
 
     def dequantize(self) -> torch.Tensor:
         """[out, in] as the kernel sees it (each weight times 1, rounded to bf16)."""
@@ -80,8 +82,9 @@ class Int8Weight:
         q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         return cls(q.contiguous(), scale.to(COMPUTE), tuple(w.shape))
 
-    def mm(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE), self.q, self.scale).to(x.dtype)
+    def mm(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE), self.q, self.scale)
+        return y.to(x.dtype if dtype is None else dtype)
 
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scale.float()[:, None]
@@ -124,6 +127,59 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, None, 1)
+
+
+class KernelThreads:
+    """The intra-op threads a quantized decode step runs on: torch's own count, less the cores other
+    processes keep busy. The CPU int4 kernel splits even a batch-1 GEMV across every thread and waits for
+    the slowest, so a thread on a taken core stalls the whole step: on a 2-core EPYC with the other core
+    busy its median at 2 threads is 12x its median at 1 (bench/int4_threads.py). Others' load is the
+    machine's busy cores (/proc/stat) less this process's own CPU time, over the last `every` seconds;
+    where /proc/stat is missing every step keeps torch's count."""
+
+    def __init__(self, every: float = 1.0) -> None:
+        self.every = every
+        self._last = self._sample()  # (wall, own CPU, busy, total) or None
+        self._spare: int | None = None  # None: no estimate yet, torch's count
+        self._full: dict[int, int] = {}  # each thread's torch thread count on its first step (it is per thread)
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:  # cpu user nice system idle iowait irq softirq steal ...
+                ticks = [float(v) for v in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        if len(ticks) < 5:
+            return None
+        return time.monotonic(), time.process_time(), sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+    @staticmethod
+    def spare(cores: int, busy: float, own: float) -> int:
+        """Cores left to us when `busy` of `cores` are in use, `own` of them by us (at least 1)."""
+        return max(1, min(cores, round(cores - (busy - own))))
+
+    def count(self, full: int) -> int:
+        """Threads for the next step, at most `full` (others' load re-read at most every `every` s)."""
+        if self._last is not None and time.monotonic() - self._last[0] >= self.every:
+            new = self._sample()
+            if new is not None:
+                wall, own, busy, total = (x - y for x, y in zip(new, self._last))
+                if total > 0 and wall > 0:
+                    cores = os.cpu_count() or 1
+                    self._spare = self.spare(cores, busy / total * cores, own / wall)
+            self._last = new
+        return full if self._spare is None else min(full, self._spare)
+
+    def apply(self) -> int:
+        """Set the calling thread's torch thread count to `count()` of the count it had on its first call,
+        and return it. The count stays until the estimate changes: torch.set_num_threads clears oneDNN's
+        primitive cache and resizes thread pools, which per step costs more than it saves."""
+        full = self._full.setdefault(threading.get_ident(), torch.get_num_threads())
+        n = self.count(full)
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+        return n
 
 
 def dense_weight(weight: torch.Tensor | QuantWeight) -> torch.Tensor:

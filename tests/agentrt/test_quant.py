@@ -242,3 +242,76 @@ def test_quantized_engine_keeps_invariance(tiny_parts, deterministic):
     assert cached.logprobs == fresh.logprobs  # bit for bit through the prefix cache
     if deterministic:
         assert batched.logprobs == fresh.logprobs
+
+
+def test_quantized_decode_step_matches_the_general_forward(tiny_parts):
+    """A decode step over quantized weights runs the CPU decode step (fewer, larger ops): for one row and
+    for three rows of different lengths it writes the same K/V and gives the same logits as forward's
+    general path, within the bf16 rounding the kernels already add; a step with a prefill chunk does not
+    take it."""
+    import copy
+
+    from agentrt.engine.kv import KVPool, KVSequence
+    from agentrt.engine.model import AttentionGroup, BatchInput
+    from agentrt.engine.runner import single_token_group
+
+    model, _, _ = tiny_parts
+    q8 = quant.quantize_model(copy.deepcopy(model), "int8")
+    cfg = q8.cfg
+    pool = KVPool(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 32, 4, dtype=q8.embed.weight.dtype)
+    gen = torch.Generator().manual_seed(0)
+    seqs = []
+    for n in (9, 30, 3):
+        seq = KVSequence()
+        pool.append(seq, n)
+        seqs.append(seq)
+    pool.k.normal_(generator=gen)  # stands in for the prompts' keys and values
+    pool.v.normal_(generator=gen)
+    for rows in (seqs[:1], seqs):
+        writes = [pool.append(s, 1) for s in rows]
+        b = len(rows)
+        batch = BatchInput(torch.randint(300, 20000, (b,), generator=gen), torch.tensor([s.length - 1 for s in rows]),
+                           torch.cat(writes), [single_token_group(list(range(b)), [pool.slots(s) for s in rows], False)],
+                           torch.arange(b))
+        assert q8._quantized_decode(batch)
+        k0, v0 = pool.k.clone(), pool.v.clone()
+        fast = q8(batch, pool.k, pool.v)
+        kf, vf = pool.k.clone(), pool.v.clone()
+        pool.k.copy_(k0)
+        pool.v.copy_(v0)
+        q8.quantized_decode = False
+        try:
+            plain = q8(batch, pool.k, pool.v)
+        finally:
+            q8.quantized_decode = True
+        diff = (fast - plain).abs().max().item()
+        assert diff <= 0.02 * plain.abs().max().item()
+        top2 = plain.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * diff  # a random model's near-ties may flip
+        assert torch.equal(fast.argmax(-1)[clear], plain.argmax(-1)[clear])
+        for got, want in ((kf, pool.k), (vf, pool.v)):
+            assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()
+    chunk = AttentionGroup(torch.arange(2).view(1, 2), pool.slots(seqs[0]).view(1, -1), None)
+    assert not q8._quantized_decode(BatchInput(torch.tensor([5, 6]), torch.tensor([1, 2]), torch.tensor([0, 1]),
+                                               [chunk], torch.tensor([1])))
+
+
+def test_kernel_threads_leave_the_cores_others_use(monkeypatch):
+    assert quant.KernelThreads.spare(2, busy=2.0, own=1.0) == 1  # another process holds a core
+    assert quant.KernelThreads.spare(2, busy=2.0, own=1.9) == 2  # the busy cores are ours
+    assert quant.KernelThreads.spare(2, busy=2.0, own=0.1) == 1  # never fewer than one
+    assert quant.KernelThreads.spare(16, busy=3.0, own=2.0) == 15
+    threads = quant.KernelThreads(every=0.0)
+    samples = iter([(0.0, 0.0, 0.0, 0.0), (1.0, 1.0, 200.0, 200.0)])  # 1 s: both cores busy, one of them ours
+    monkeypatch.setattr(threads, "_sample", lambda: next(samples))
+    monkeypatch.setattr(quant.os, "cpu_count", lambda: 2)
+    threads._last = threads._sample()
+    before = torch.get_num_threads()
+    try:
+        assert threads.apply() == torch.get_num_threads() == 1
+        threads.every, threads._spare = float("inf"), 64  # the other process left: the thread's first count
+        assert threads.apply() == torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(quant.KernelThreads, "_sample", staticmethod(lambda: None))
+    assert quant.KernelThreads(every=0.0).count(7) == 7  # no /proc/stat: torch's count
