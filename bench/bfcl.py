@@ -323,7 +323,8 @@ class Outcome:
 async def ask(client, case: Case, arm: str, model: str, max_tokens: int) -> Outcome:
     """One request through the endpoint, scored."""
     r = await client.post("/chat/completions", json=request_body(case, arm, model, max_tokens))
-    r.raise_for_status()
+    if r.is_error:  # e.g. a grammar compile past the server's timeout on a loaded machine: say which case, and why
+        raise RuntimeError(f"{case.id} ({arm}): HTTP {r.status_code}: {r.text[:300]}")
     reply = r.json()
     message = reply["choices"][0]["message"]
     if arm == "constrained":
@@ -414,10 +415,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     cases = [c for cat in chosen for c in load_cases(args.data, cat, args.limit)]
-    outcomes, seconds = asyncio.run(_serve_and_run(args, cases))
+    return report_run(args, cases, asyncio.run(serve_and_run(args, cases)))
 
+
+def report_run(args: argparse.Namespace, cases: list[Case], run: tuple[list[Outcome], float], *,
+               title: str = "BFCL v4") -> int:
+    """Print a run's table and its failures (`--show-failures`); write `--json` when asked."""
+    outcomes, seconds = run
     rows = summarize(outcomes)
-    print(f"\nBFCL v4 via /v1/chat/completions, model {args.model}, {len(cases)} cases x {len(args.arm)} arms, "
+    print(f"\n{title} via /v1/chat/completions, model {args.model}, {len(cases)} cases x {len(args.arm)} arms, "
           f"{seconds:.0f} s")
     print_report(outcomes)
     for arm in args.arm:
@@ -430,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-async def _serve_and_run(args: argparse.Namespace, cases: list[Case]) -> tuple[list[Outcome], float]:
+async def serve_and_run(args: argparse.Namespace, cases: list[Case]) -> tuple[list[Outcome], float]:
+    """Every case through the in-process server on `args.model` (`args.arm`, `args.concurrency`, `args.max_tokens`)."""
     import httpx
 
     from agentrt.engine import Engine
