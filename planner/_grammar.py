@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ from agentrt.errors import PlanError
 from agentrt.planner._ground import grounded_params
 from agentrt.tools import Tool, ToolRegistry
 
-__all__ = ["GrammarLimits", "plan_grammar", "react_grammar", "joiner_grammar"]
+__all__ = ["GrammarLimits", "plan_grammar", "react_grammar", "joiner_grammar", "answer_numbers"]
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,22 @@ class _Builder:
         for i in range(hi + 1):
             self.rule(f"{stem}_{i}", end if i == hi else _then([end], chars, f"{stem}_{i + 1}"))
         return f"{stem}_0"
+
+    def answer_rule(self, numbers: Iterable[str] | None = None, refs: frozenset[int] = frozenset()) -> str:
+        """An answer's text up to its closing ")" (one level of parentheses inside). With `numbers`,
+        digits come only inside one of `numbers` or a reference `$K` (K in `refs`): an answer cannot
+        hold a number that neither the question nor a result gave (a small model copying digits into
+        its answer gets them wrong; a reference or a grounded number cannot be wrong that way)."""
+        if numbers is None:
+            self.rule("paren", _PAREN)
+            return self.text_rule("ftext", _ANSWER_CHARS, _lit(")"), self.limits.max_answer_chars)
+        pieces = [r"[^\n\r()0-9$]"]
+        if numbers := sorted(set(numbers)):
+            pieces.append(self.rule("gnum", " | ".join(_lit(n) for n in numbers)))
+        if ref := self.ref_rule(refs):
+            pieces.append(ref)
+        self.rule("gparen", _then(['")"'], pieces, "gparen"))
+        return self.text_rule("gtext", pieces + ['"(" gparen'], _lit(")"), self.limits.max_answer_chars)
 
     def string_rule(self, allowed: frozenset[int], hi: int | None = None, nonempty: bool = False) -> str:
         """A JSON string (`_string_rule`); `nonempty` (a schema's minLength >= 1): at least one
@@ -400,23 +417,42 @@ def react_grammar(
     step_id: int,
     known_ids: Iterable[int] | None = None,
     limits: GrammarLimits = GrammarLimits(),
+    numbers: Iterable[str] | None = None,
 ) -> str:
-    """One ReAct step: an optional thought, then either one task `step_id. tool({...})` or `Finish(answer)`."""
+    """One ReAct step: an optional thought, then either one task `step_id. tool({...})` or `Finish(answer)`
+    (with `numbers`, its digits grounded as in `joiner_grammar`)."""
     tool_list = _tool_list(tools)
     known = frozenset(range(1, step_id) if known_ids is None else known_ids)
     b = _Builder(limits)
     task = b.task_rule(step_id, tool_list, known)
-    b.rule("finish", f'"Finish(" {b.text_rule("ftext", _ANSWER_CHARS, _lit(")"), limits.max_answer_chars)}')
-    b.rule("paren", _PAREN)
+    b.rule("finish", f'"Finish(" {b.answer_rule(numbers, known)}')
     return b.render(f"maybe_thought ({task} | finish)")
 
 
-def joiner_grammar(*, allow_replan: bool = True, limits: GrammarLimits = GrammarLimits()) -> str:
-    """The joiner's output: an optional thought, then `Finish(answer)` or `Replan(reason)`."""
+def joiner_grammar(
+    *, allow_replan: bool = True, limits: GrammarLimits = GrammarLimits(), numbers: Iterable[str] | None = None,
+    refs: Iterable[int] = (),
+) -> str:
+    """The joiner's output: an optional thought, then `Finish(answer)` or `Replan(reason)`. With
+    `numbers` (those of the question and the results, `answer_numbers`), the answer's digits are
+    grounded: only those numbers and references `$K` to `refs` (`_Builder.answer_rule`)."""
     b = _Builder(limits)
-    text = b.text_rule("ftext", _ANSWER_CHARS, _lit(")"), limits.max_answer_chars)
-    b.rule("paren", _PAREN)
-    thought = b.text_rule("tline", [_LINE_CHAR], _lit("\n"), limits.max_thought_chars)
-    actions = f'"Finish(" {text}' + (f' | "Replan(" {text}' if allow_replan else "")
-    rules = "\n".join(f"{name} ::= {expr}" for name, expr in b.rules.items())
-    return f'root ::= thought? ({actions})\nthought ::= "Thought: " {_LINE_CHAR} {thought}\n{rules}\n'
+    answer = b.answer_rule(numbers, frozenset(refs))
+    reason = b.answer_rule() if numbers is not None else answer
+    actions = f'"Finish(" {answer}' + (f' | "Replan(" {reason}' if allow_replan else "")
+    return b.render(f"maybe_thought ({actions})")
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def answer_numbers(question: str, values: Iterable[Any], observations: Iterable[str] = (), cap: int = 256) -> list[str]:
+    """The numbers an answer may write out: the question's, each numeric result's, and those written
+    in the observations (at most `cap`, in that order of preference)."""
+    found = _NUMBER.findall(question)
+    for v in values:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            found.append(json.dumps(v))
+    for text in observations:
+        found.extend(_NUMBER.findall(text))
+    return list(dict.fromkeys(found))[:cap]

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from agentrt.errors import PlanError
 from agentrt.planner._task import REF_RE, ReferenceResolutionError, parse_ref, resolve
+from agentrt.tools import evaluate
 
 __all__ = ["JoinerDecision", "parse_joiner", "resolve_answer"]
 
@@ -42,7 +43,8 @@ def parse_joiner(text: str) -> JoinerDecision:
 
 def resolve_answer(text: str, values: Mapping[int, Any]) -> str:
     """`text` with each `$N` / `$N.path` that names a result in `values` replaced by that value (a
-    string as it is, anything else as JSON); a reference to no result stays as written."""
+    string as it is, anything else as JSON); a reference to no result stays as written. An answer
+    that is then arithmetic over numbers (`$1 - $2`, `(3 + 4) * 2`) is its value."""
 
     def one(m: re.Match[str]) -> str:
         if m.end() < len(m.string) and m.string[m.end()].isdigit():
@@ -54,4 +56,16 @@ def resolve_answer(text: str, values: Mapping[int, Any]) -> str:
             return m.group(0)
         return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
-    return REF_RE.sub(one, text)
+    resolved = REF_RE.sub(one, text)
+    if _ARITHMETIC.fullmatch(resolved.strip()):  # `Finish($1 - $2)`: arithmetic over results is worked out
+        try:
+            return json.dumps(evaluate(resolved.strip()))
+        except (ValueError, ArithmeticError):
+            pass
+    return resolved
+
+
+# numbers joined by operators with spaces around them ("2 + 3", "($1 - $2) / 2"): a date (2024-01-05)
+# or a phone number (555-1234) is not one
+_NUM = r"\(*\s*-?\d+(?:\.\d+)?\s*\)*"
+_ARITHMETIC = re.compile(rf"{_NUM}(?:\s+[-+*/]\s+{_NUM})+")

@@ -18,11 +18,11 @@ from typing import Literal, Protocol
 from agentrt.errors import PlanError
 from agentrt.planner._executor import ExecutionState, Executor
 from agentrt.planner._ground import ground_tools, uncovered_phrases
-from agentrt.planner._grammar import GrammarLimits, joiner_grammar, plan_grammar, react_grammar
+from agentrt.planner._grammar import GrammarLimits, answer_numbers, joiner_grammar, plan_grammar, react_grammar
 from agentrt.planner._joiner import JoinerDecision, parse_joiner, resolve_answer
 from agentrt.planner._parser import PlanParser, stream_tasks
 from agentrt.planner._prompts import joiner_prompt, planner_prompt, react_prompt
-from agentrt.planner._task import Task
+from agentrt.planner._task import REF_RE, Task, parse_ref
 from agentrt.tools import Tool, ToolRegistry
 
 __all__ = ["TextLLM", "AgentRun", "run_plan", "run_dta", "run_react"]
@@ -106,12 +106,27 @@ async def _guarded(tasks: AsyncIterator[Task], errors: list[str]) -> AsyncIterat
         errors.append(str(e))
 
 
+def _grounding(question: str, state: ExecutionState) -> dict:
+    """An answer's numbers come from the question or the results (`joiner_grammar(numbers=)`), or are
+    references to a result."""
+    values = state.values()
+    observations = [r.observation(500) for r in state.results.values() if r.ok]
+    return {"numbers": answer_numbers(question, values.values(), observations), "refs": list(values)}
+
+
+def _names_results(text: str, state: ExecutionState) -> bool:
+    """`text` is nothing but references to successful results (`$3`, `$3 and $4`)."""
+    refs = [parse_ref(m.group(0)) for m in REF_RE.finditer(text)]
+    rest = REF_RE.sub("", text).strip(" \t\n.,;:and")
+    return bool(refs) and not rest and all(r is not None and r.task in state.values() for r in refs)
+
+
 async def _join(
     llm: TextLLM, question: str, state: ExecutionState, run: AgentRun, *, allow_replan: bool,
     constrained: bool, limits: GrammarLimits, notes: list[str],
 ) -> JoinerDecision:
     prompt = joiner_prompt(question, state, allow_replan=allow_replan, notes=notes)
-    grammar = joiner_grammar(allow_replan=allow_replan, limits=limits) if constrained else None
+    grammar = joiner_grammar(allow_replan=allow_replan, limits=limits, **_grounding(question, state)) if constrained else None
     text = await _collect(llm(prompt, grammar))
     run.outputs.append(text)
     state.trace.mark("joiner")
@@ -120,7 +135,8 @@ async def _join(
     except PlanError:
         log.warning("joiner output is not Finish(...)/Replan(...); using it as the answer")
         decision = JoinerDecision("finish", text.strip())
-    if decision.action == "replan" and not allow_replan:
+    if decision.action == "replan" and (not allow_replan or _names_results(decision.text, state)):
+        # a "reason" that is only references to finished results is an answer by reference
         decision = JoinerDecision("finish", decision.text, decision.thought)
     run.decisions.append(decision)
     return decision
@@ -141,6 +157,7 @@ async def _rounds(
         run.rounds = round_no
         first_id = state.next_id
         known = [i for i, r in state.results.items() if r.ok]
+        calls_before = len(state.calls)
         within = mode == "plan"
         prompt = planner_prompt(question, offered, state, first_id=first_id, parallel_only=not within, notes=notes,
                                 examples=examples)
@@ -156,7 +173,10 @@ async def _rounds(
         run.outputs.append("".join(raw))
         run.plan_errors.extend(errors)
         notes = [f"The plan had an error: {e}" for e in errors]
-        decision = await _join(llm, question, state, run, allow_replan=round_no < max_rounds,
+        # a replan that called nothing new (only repeats of finished calls) will not get further
+        fresh = round_no == 1 or len(state.calls) > calls_before or any(
+            tid >= first_id and not r.ok for tid, r in state.results.items())
+        decision = await _join(llm, question, state, run, allow_replan=round_no < max_rounds and fresh,
                                constrained=constrained, limits=limits, notes=notes)
         if decision.action == "finish":
             run.answer = resolve_answer(decision.text, state.values())
@@ -210,7 +230,8 @@ async def run_react(
         step_id = state.next_id
         known = [i for i, r in state.results.items() if r.ok]
         prompt = react_prompt(question, offered, state, step_id=step_id)
-        grammar = react_grammar(offered, step_id=step_id, known_ids=known, limits=limits) if constrained else None
+        grammar = (react_grammar(offered, step_id=step_id, known_ids=known, limits=limits,
+                                 numbers=_grounding(question, state)["numbers"]) if constrained else None)
         text = await _collect(llm(prompt, grammar))
         run.outputs.append(text)
         body = text.strip()

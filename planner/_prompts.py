@@ -4,13 +4,15 @@ prompts, shortened: the grammar, not the prompt, enforces the format)."""
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Iterable
 
 from agentrt.planner._executor import ExecutionState
 from agentrt.planner._ground import grounded_params, question_phrases
 from agentrt.tools import Tool
 
-__all__ = ["tool_catalogue", "tool_examples", "planner_prompt", "joiner_prompt", "react_prompt"]
+__all__ = ["tool_catalogue", "tool_examples", "planner_prompt", "joiner_prompt", "react_prompt", "answer_ref"]
 
 _PLAN_RULES = """Write a plan of tool calls that answers the question, one per line:
 Thought: <optional reasoning>
@@ -65,31 +67,111 @@ def _worked(question: str, calls: list[str]) -> str:
     return "\n".join(lines + [f"{len(calls) + 1}. join()"])
 
 
-def tool_examples(tools: Iterable[Tool], lookups: int = 2) -> str:
+# Worked questions a lookup tool and a calculator answer, over letter names: the question with
+# {s} (the tool's subject) and {names}, how many names it takes (None: as many as the question
+# names), and the calculator expression over the lookups' results (None: the lookup answers).
+# A small model copies the shape of the example closest to its question, so `tool_examples` shows
+# the one whose wording is closest (in-context example retrieval, as TinyAgent does).
+_SHAPES: list[tuple[str, int | None, str | None]] = [
+    ("What is the {s} of {names} together?", None, "+"),
+    ("What is the total {s} of {names}?", None, "+"),
+    ("What is the combined {s} of {names}, all in all?", None, "+"),
+    ("How much is the {s} of {names} altogether?", None, "+"),
+    ("Add up the {s} of {names}.", None, "+"),
+    ("What is the sum of the {s} of {names}, added together?", None, "+"),
+    ("What is the {s} of A plus the {s} of B?", 2, "+"),
+    ("How much more is the {s} of A than that of B?", 2, "$1 - $2"),
+    ("How much bigger, larger or greater is the {s} of A than that of B?", 2, "$1 - $2"),
+    ("How much higher is the {s} of A compared to B?", 2, "$1 - $2"),
+    ("What is the difference between the {s} of A and B?", 2, "$1 - $2"),
+    ("By how much does the {s} of A exceed or outnumber that of B?", 2, "$1 - $2"),
+    ("What is the {s} of A minus the {s} of B?", 2, "$1 - $2"),
+    ("How much less is the {s} of A than that of B?", 2, "$2 - $1"),
+    ("How much smaller or lower is the {s} of A than that of B?", 2, "$2 - $1"),
+    ("How many fewer does A have than B in {s}?", 2, "$2 - $1"),
+    ("How many times the {s} of B is the {s} of A?", 2, "$1 / $2"),
+    ("What is the ratio of the {s} of A to that of B?", 2, "$1 / $2"),
+    ("What is the average {s} of {names}, on average?", None, "mean"),
+    ("What is the {s} of A?", 1, None),
+    ("What is the {s} of A plus 10?", 1, "$1 + 10"),
+    ("What is the {s} of A minus 10?", 1, "$1 - 10"),
+    ("What is the {s} of A times 2?", 1, "$1 * 2"),
+    ("What is the {s} of A divided by 2?", 1, "$1 / 2"),
+]
+_WORD = re.compile(r"[a-z]+")
+# words that say nothing about the arithmetic a question asks for
+_FUNCTION_WORDS = set("""a an and are as be by can could did do does for from has have how i if in is it its
+many much of on or our people that the their them there these they this those to us was we were what which
+who will with would you your""".split())
+
+
+def _stem(word: str) -> str:
+    for end in ("ing", "ed", "er", "es", "e", "s"):
+        if word.endswith(end) and len(word) - len(end) >= 3:
+            return word[:-len(end)]
+    return word
+
+
+def _words(text: str) -> set[str]:
+    return {_stem(w) for w in _WORD.findall(text.lower()) if len(w) > 1 and w not in _FUNCTION_WORDS}
+
+
+def _closest_shapes(question: str, subject: str, names: int) -> list[int]:
+    """Indices of the `_SHAPES` that fit a question naming `names` things (one lookup, or two and more),
+    closest to `question` first: shared words weighted by their rarity among the shapes (idf),
+    ignoring the subject's words (every shape has them). Empty when no shape shares a word."""
+    texts = [_words(q.format(s=subject, names="")) - _words(subject) for q, _, _ in _SHAPES]
+    df = {w: sum(w in t for t in texts) for t in texts for w in t}
+    asked = _words(question)
+    scores = {i: sum(math.log(len(texts) / df[w]) for w in t & asked) for i, t in enumerate(texts)
+              if (_SHAPES[i][1] == 1) == (names == 1)}
+    return sorted((i for i in scores if scores[i] > 0), key=lambda i: -scores[i])
+
+
+def _expression(op: str, n: int) -> str:
+    refs = [f"${i}" for i in range(1, n + 1)]
+    if op == "+":
+        return " + ".join(refs)
+    if op == "mean":
+        return f"({' + '.join(refs)}) / {n}"
+    return op
+
+
+def tool_examples(tools: Iterable[Tool], question: str = "", *, lookups: int | None = None) -> str:
     """Worked plans built from the registered tools (not fixed content a model could copy).
 
-    With a lookup tool (one argument its docstring grounds in the question) and a calculator: a sum
-    over `lookups` names and a difference of two, with the names as letters (the grammar only lets
-    the question's own names through). Otherwise a plan shape: one call per tool with placeholder
+    With a lookup tool (one argument its docstring grounds in the question) and a calculator: the
+    worked question closest in wording to `question` (a sum, a difference either way round, a ratio,
+    an average or a single lookup), over as many letter names as it needs (the question's count for
+    sums), the names as letters (the grammar only lets the question's own names through); with no
+    close one, a sum and a difference. Otherwise a plan shape: one call per tool with placeholder
     values (a lookup only when the question names something), and a calculator combining earlier
-    results, or computing the question's arithmetic, when there is one."""
+    results, or computing the question's arithmetic, when there is one. `lookups`: how many names
+    the question has (default: counted in `question`)."""
     tools = list(tools)
+    lookups = len(question_phrases(question)) if lookups is None else lookups
     calc = next((t for t in tools if t.name == "calculator"), None)
     lookup = next(((t, p[0]) for t in tools if t is not calc and len(p := grounded_params(t)) == 1), None)
     if calc is not None and lookup is not None and lookups > 0:
         t, param = lookup
-        subject = t.name.replace("_", " ")
-        names = [chr(ord("A") + i) for i in range(max(2, min(lookups, 6)))]
+        subject = re.sub(r"^(?:get|fetch|find|lookup|look_up|search|query)_", "", t.name).replace("_", " ")
+        many = max(2, min(lookups, 6))
 
-        def calls(ns: list[str], expression: str) -> list[str]:
-            looked = [f"{t.name}({json.dumps({**_placeholders(t), param: n}, ensure_ascii=False)})" for n in ns]
-            return looked + [f"calculator({json.dumps({'expression': expression})})"]
+        def worked(shape: int) -> str:
+            text, n, op = _SHAPES[shape]
+            names = [chr(ord("A") + i) for i in range(n or many)]
+            together = f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0]
+            calls = [f"{t.name}({json.dumps({**_placeholders(t), param: x}, ensure_ascii=False)})" for x in names]
+            if op is not None:
+                calls.append(f"calculator({json.dumps({'expression': _expression(op, len(names))})})")
+            return _worked(text.format(s=subject, names=together), calls)
 
-        together = f"{', '.join(names[:-1])} and {names[-1]}"
-        total = calls(names, " + ".join(f"${i}" for i in range(1, len(names) + 1)))
-        diff = calls(names[:2], "$1 - $2")
-        return "\n\n".join([_worked(f"What is the {subject} of {together} together?", total),
-                             _worked(f"How much more is the {subject} of A than that of B?", diff)])
+        closest = _closest_shapes(question, subject, lookups)
+        if closest:
+            return worked(closest[0])
+        if lookups == 1:
+            return worked(next(i for i, x in enumerate(_SHAPES) if x[1] == 1 and x[2] is None))
+        return "\n\n".join([worked(0), worked(next(i for i, x in enumerate(_SHAPES) if x[2] == "$1 - $2"))])
     lines: list[str] = []
     for t in tools:
         if t is calc or (grounded_params(t) and not lookups):  # the question names nothing to look up
@@ -119,7 +201,7 @@ def planner_prompt(
     rules = _PLAN_RULES.format(a=first_id, b=first_id + 1, c=first_id + 2, parallel=parallel, b_arg=b_arg)
     if examples:
         rules = rules[:rules.index("Example:")] + "Examples:\n" + examples.strip()
-    elif not parallel_only and (shape := tool_examples(tools, len(question_phrases(question)))):
+    elif not parallel_only and (shape := tool_examples(tools, question)):
         rules = rules[:rules.index("Example:")] + ("Examples:\n" if "Question:" in shape else "Example:\n") + shape
     parts = [f"Tools:\n{tool_catalogue(tools)}", rules]
     if obs := _observations(state):
@@ -129,17 +211,25 @@ def planner_prompt(
     return "\n\n".join(parts)
 
 
-def joiner_prompt(question: str, state: ExecutionState, *, allow_replan: bool, notes: Iterable[str] = ()) -> str:
-    choice = (
-        "If the results answer the question, finish with the answer; if something is missing, write "
-        "Replan with what is missing."
-        if allow_replan else "Finish with the answer to the question."
-    )
-    parts = [f"Question: {question}", _observations(state) or "No tool results.", *notes, choice]
+def answer_ref(state: ExecutionState) -> int | None:
+    """The result most likely to answer the question: the last successful task that combines earlier
+    results (depends on them) and that no later task consumed, else the last successful task."""
     ok = [tid for tid, r in sorted(state.results.items()) if r.ok]
-    if ok:  # by reference: the runtime writes the value, the model need not copy it
-        parts.append(f"To answer with a result, write its reference: Finish(${ok[-1]}) answers with the "
-                     f"result of task {ok[-1]}.")
+    consumed = {d for t in state.tasks.values() for d in t.deps}
+    combined = [tid for tid in ok if state.tasks[tid].deps and tid not in consumed] if ok else []
+    return (combined or ok or [None])[-1]
+
+
+def joiner_prompt(question: str, state: ExecutionState, *, allow_replan: bool, notes: Iterable[str] = ()) -> str:
+    parts = [f"Question: {question}", _observations(state) or "No tool results.", *notes]
+    ref = answer_ref(state)
+    # by reference: the runtime writes the value, the model need not copy it; the answer comes first,
+    # since a small model tends to take the first action it reads
+    finish = (f"If the results answer the question, write Finish(${ref}): it answers with the result of task {ref}."
+              if ref is not None else "Finish with the answer to the question.")
+    if allow_replan:
+        finish += " Only if a result the question needs is missing, write Replan and, in parentheses, name it."
+    parts.append(finish)
     return "\n\n".join(parts)
 
 

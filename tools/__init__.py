@@ -6,7 +6,7 @@ MCP servers' tools come in through `MCPServerStdio` (a stdio server's tools as a
 
 from __future__ import annotations
 
-from agentrt.tools._calculator import calculator
+from agentrt.tools._calculator import calculator, evaluate
 from agentrt.tools._http import http_get, make_http_get
 from agentrt.tools._mcp import MCPServerStdio, MCPTool
 from agentrt.tools._rag import Embedder, ScoredTool, ToolIndex, sentence_embedder
@@ -25,6 +25,7 @@ __all__ = [
     "Embedder",
     "sentence_embedder",
     "calculator",
+    "evaluate",
     "http_get",
     "make_http_get",
     "workspace_tools",

@@ -3,6 +3,8 @@ in the question (a parameter whose docstring says so takes only a phrase of the 
 
 from __future__ import annotations
 
+import json
+
 import anyio
 import xgrammar as xgr
 
@@ -134,11 +136,96 @@ def test_run_plan_decodes_under_the_cover(compiler, tokenizer):
 
 def test_worked_examples_come_from_the_tools_not_the_question():
     q = "How many people live in Lyon, Porto and Oslo together?"
-    text = tool_examples(ground_tools([population, calculator], q), lookups=3)
+    text = tool_examples(ground_tools([population, calculator], q), q)
     assert not any(c in text for c in ("Lyon", "Porto", "Oslo"))
-    assert '"$1 + $2 + $3"' in text and '"$1 - $2"' in text  # a sum over as many names, and a difference
+    assert '"$1 + $2 + $3"' in text and "$4" not in text  # a sum over as many names as the question has
     shape = tool_examples([search, calculator])  # no lookup the question grounds: the plan's shape
     assert "search(" in shape and '"$1"' in shape and "Question:" not in shape
     # a question that names nothing to look up: no lookup in the example, the calculator computes
-    plain = tool_examples([population, calculator], lookups=0)
+    plain = tool_examples([population, calculator], "What is 6 plus 7?")
     assert "population" not in plain and plain.startswith("1. calculator(") and "2. join()" in plain
+
+
+def _expression(question: str) -> str:
+    text = tool_examples(ground_tools([population, calculator], question), question)
+    line = next(ln for ln in text.splitlines() if "calculator(" in ln)
+    return json.loads(line[line.index("(") + 1:-1])["expression"]
+
+
+def test_the_worked_example_is_the_one_closest_to_the_question():
+    # the example a small model copies has the arithmetic the question's wording asks for
+    assert _expression("How many people live in Lyon and Oslo combined?") == "$1 + $2"
+    assert _expression("Add the populations of Lyon, Porto and Oslo.") == "$1 + $2 + $3"
+    assert _expression("How many more people live in Lyon than in Porto?") == "$1 - $2"
+    assert _expression("By how much does Oslo's population exceed Lyon's?") == "$1 - $2"
+    assert _expression("How much smaller is Porto than Lyon in population?") == "$2 - $1"
+    assert _expression("What is the ratio of the population of Oslo to that of Porto?") == "$1 / $2"
+    assert _expression("What is the average population of Lyon, Porto and Oslo?") == "($1 + $2 + $3) / 3"
+    single = tool_examples(ground_tools([population, calculator], "What is the population of Lyon?"),
+                           "What is the population of Lyon?")
+    assert "calculator(" not in single and single.count("population(") == 1
+    # no wording to go by: a sum and a difference
+    both = tool_examples(ground_tools([population, calculator], "Lyon and Porto?"), "Lyon and Porto?")
+    assert '"$1 + $2"' in both and '"$1 - $2"' in both
+
+
+def test_a_replan_that_names_only_a_result_is_an_answer():
+    plan = ('1. population({"city": "Lyon"})\n2. population({"city": "Porto"})\n'
+            '3. calculator({"expression": "$1 - $2"})\n4. join()')
+    outputs = [plan, "Replan($3)"]
+
+    async def llm(prompt: str, grammar: str | None):
+        yield outputs.pop(0)
+
+    run = anyio.run(lambda: run_plan("How many more people live in Lyon than in Porto?", llm,
+                                     ToolRegistry([population, calculator])))
+    assert run.answer == str(522250 - 231800) and run.rounds == 1
+
+
+def test_a_replan_that_calls_nothing_new_is_the_last():
+    """A replan whose calls all repeat finished ones learnt nothing: the joiner must then finish, and is
+    pointed at the result that combines the others, not at the repeats."""
+    plan = ('1. population({"city": "Lyon"})\n2. population({"city": "Porto"})\n'
+            '3. calculator({"expression": "$1 + $2"})\n4. join()')
+    again = '4. population({"city": "Lyon"})\n5. population({"city": "Porto"})\n6. join()'
+    outputs = [plan, "Replan(more data)", again, "Replan(still more)", "never asked"]
+    grammars, prompts = [], []
+
+    async def llm(prompt: str, grammar: str | None):
+        grammars.append(grammar)
+        prompts.append(prompt)
+        yield outputs.pop(0)
+
+    run = anyio.run(lambda: run_plan("How many people live in Lyon and Porto together?", llm,
+                                     ToolRegistry([population, calculator]), max_replans=3))
+    assert run.rounds == 2 and outputs == ["never asked"]
+    assert "Replan(" in grammars[1] and "Replan(" not in grammars[3]  # the second join may only finish
+    assert "Finish($3)" in prompts[3]  # the sum, not the repeated lookup $5
+    assert run.answer == "still more"  # a forced finish keeps the text it was given
+
+
+def test_an_answer_writes_only_numbers_the_question_or_a_result_gave(compiler, tokenizer):
+    from agentrt.planner import joiner_grammar
+    from agentrt.planner._grammar import answer_numbers
+
+    numbers = answer_numbers("How many more people live in Lyon than in 2 other cities?", [522250, 231800, 290450.5],
+                             ["Lyon has 12 districts"])
+    assert numbers == ["2", "522250", "231800", "290450.5", "12"]
+    grammar = joiner_grammar(numbers=numbers, refs=[1, 2, 3])
+    assert _full(compiler, tokenizer, grammar, "Finish($3)")
+    assert _full(compiler, tokenizer, grammar, "Finish(About 290450.5 more (in 2 cities), see $1.)")
+    assert _full(compiler, tokenizer, grammar, "Thought: 1 + 1 is 2\nFinish(Lyon)")
+    assert _full(compiler, tokenizer, grammar, "Replan(look up 7 more cities)")  # a reason is free text
+    assert not _full(compiler, tokenizer, grammar, "Finish(290450)")  # a number nobody gave
+    assert not _full(compiler, tokenizer, grammar, "Finish(1029547)")
+    assert not _full(compiler, tokenizer, grammar, "Finish($4)")  # no such result
+    assert _full(compiler, tokenizer, joiner_grammar(), "Finish(1029547)")  # ungrounded: anything
+
+
+def test_an_answer_that_is_arithmetic_over_results_is_worked_out():
+    values = {1: 1982097, 2: 643452}
+    assert resolve_answer("$1 - $2", values) == str(1982097 - 643452)
+    assert resolve_answer("($1 + $2) / 2", values) == json.dumps((1982097 + 643452) / 2)
+    assert resolve_answer("1982097 + 643452", values) == str(1982097 + 643452)
+    for text in ("555-1234", "2024-01-05", "$1 people", "1 + x", "$3 - $1"):  # not arithmetic over known numbers
+        assert resolve_answer(text, values) == text.replace("$1", "1982097")
