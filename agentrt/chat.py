@@ -279,14 +279,45 @@ def _text(content: Any) -> str:
     raise InvalidRequestError(f"unsupported message content {type(content).__name__}", param="messages")
 
 
+# Python names for the JSON-schema types (and BFCL's `dict`, `float`, `tuple`, `any`) in a tool's signature
+_PY_TYPES = {"string": "str", "integer": "int", "number": "float", "float": "float", "boolean": "bool",
+             "array": "list", "tuple": "list", "object": "dict", "dict": "dict"}
+
+
+def tool_signature(spec: ToolSpec) -> str:
+    """A tool as a Python function: its parameters typed (an enum as its values), optional ones with their
+    default (`= None` when there is none), and a docstring of its and its parameters' descriptions."""
+    params = spec.parameters or {}
+    required = set(params.get("required") or [])
+    parts, docs = [], []
+    for name, prop in (params.get("properties") or {}).items():
+        prop = prop if isinstance(prop, dict) else {}
+        kind = prop.get("type")
+        if "enum" in prop:
+            shown = " | ".join(json.dumps(v, ensure_ascii=False) for v in prop["enum"])
+        else:
+            shown = _PY_TYPES.get(kind, str(kind or "any")) if not isinstance(kind, list) else " | ".join(
+                _PY_TYPES.get(k, str(k)) for k in kind)
+        if name in required:
+            default = ""
+        else:
+            default = " = " + (json.dumps(prop["default"], ensure_ascii=False) if "default" in prop else "None")
+        parts.append(f"{name}: {shown}{default}")
+        if prop.get("description"):
+            docs.append(f"    {name}: {prop['description']}")
+    return f"def {spec.name}({', '.join(parts)}):\n    \"\"\"{spec.description}\n" + "\n".join(docs) + '\n    \"\"\"'
+
+
 def tool_instructions(tools: list[dict]) -> str:
+    """The system prompt's description of `tools` and of how to call them.
+
+    Tools are shown as Python signatures, not as JSON: a small model copies a JSON listing's shape into
+    its calls (smollm2-135m, right after a call's first argument, wanted `, "description": ...` as in
+    the listing, which the grammar then turned into an optional argument with an invented value)."""
     specs = [ToolSpec.parse(t) for t in tools]
-    lines = "\n".join(json.dumps({"name": s.name, "description": s.description, "parameters": s.parameters},
-                                 ensure_ascii=False) for s in specs)
-    return ("You can call these tools:\n<tools>\n" + lines + "\n</tools>\n"
-            'To call a tool, write <tool_call>{"name": <tool name>, "arguments": <JSON object>}</tool_call>. '
-            "Write one block per call; independent calls may follow each other. "
-            "Tool results come back in <tool_response> blocks.")
+    return ("You can call these functions:\n\n" + "\n\n".join(tool_signature(s) for s in specs) + "\n\n"
+            'To call a function, write <tool_call>{"name": <function name>, "arguments": <JSON object>}</tool_call>, '
+            "with the argument values taken from the user's request.")
 
 
 def build_prompt(tokenizer, messages: list[dict], options: ChatOptions) -> list[int]:

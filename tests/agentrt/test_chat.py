@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from agentrt.chat import ChatOptions, ToolCallStream, build_prompt, chat_constraint
+from agentrt.chat import ChatOptions, ToolCallStream, build_prompt, chat_constraint, tool_signature
+from agentrt.grammar import ToolSpec
 from agentrt.errors import InvalidRequestError
 
 TEXT = ('Let me check.<tool_call>{"name":"get_weather","arguments":{"city":"Paris","days":{"n":2}}}</tool_call>\n'
@@ -68,11 +69,26 @@ def test_prompt_describes_tools_when_the_template_has_no_tool_support(tiny_parts
                 {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q":"x"}'}}]},
             {"role": "tool", "tool_call_id": "c1", "content": "42"}]
     text = tok.decode(build_prompt(tok, msgs, ChatOptions(tools=tools)))
-    assert '"name": "lookup"' in text and "<tool_call>" in text
+    assert "def lookup():" in text and "Find a fact" in text and "<tool_call>" in text
     assert '<tool_call>{"name": "lookup", "arguments": {"q": "x"}}</tool_call>' in text
     assert "<tool_response>\n42\n</tool_response>" in text
     no_tools = tok.decode(build_prompt(tok, msgs[:1], ChatOptions(tools=tools, tool_choice="none")))
     assert "lookup" not in no_tools
+
+
+def test_tools_are_described_as_python_signatures():
+    spec = ToolSpec.parse({"name": "weather", "description": "Current weather.", "parameters": {
+        "type": "dict", "required": ["city"], "properties": {
+            "city": {"type": "string", "description": "A city."},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"], "default": "celsius"},
+            "days": {"type": "integer"}, "ratio": {"type": "float"}, "tags": {"type": "array"}}}})
+    text = tool_signature(spec)
+    head, doc = text.split("\n", 1)
+    # schema order kept (the grammar writes arguments in that order); optional ones show their default
+    assert head == ('def weather(city: str, unit: "celsius" | "fahrenheit" = "celsius", days: int = None, '
+                    'ratio: float = None, tags: list = None):')
+    assert doc.splitlines() == ['    """Current weather.', "    city: A city.", '    """']
+    assert "{" not in text  # no JSON listing whose shape a model could copy into its calls
 
 
 @pytest.mark.parametrize("messages,param", [
