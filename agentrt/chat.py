@@ -395,8 +395,10 @@ async def prepare_chat(engine, compiler, messages: list[dict], options: ChatOpti
     compiled = await compiler.compile_async(constraint)
     stop = sorted(engine.eos_token_ids)
     if isinstance(constraint, ToolCalls):
+        asked = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), None)
         return prompt_ids, CallList(compiled, stop_token_ids=stop, max_calls=options.max_tool_calls,
-                                    earlier=turn_calls(messages))
+                                    earlier=turn_calls(messages),
+                                    listed=grammar.listed_names(asked) if isinstance(asked, str) else [])
     return prompt_ids, Matcher(compiled, stop_token_ids=stop)
 
 

@@ -15,11 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from agentrt.errors import GrammarError
 from agentrt.grammar._constraints import Constraint, JsonSchema, ebnf_literal
 from agentrt.grammar._json import first_line, merge_grammars
-from agentrt.grammar._matcher import Matcher
+from agentrt.grammar._matcher import Matcher, _bit
 
 __all__ = [
     "ToolSpec",
     "ToolCalls",
+    "listed_names",
     "TOOL_ARGUMENT_CAPS",
     "render_tool_call",
     "parse_tool_calls",
@@ -200,17 +201,57 @@ def call_key(name: str, arguments: Any) -> str | None:
     return json.dumps([name, arguments], sort_keys=True, ensure_ascii=False)
 
 
+_NAME = r"(?:[A-Z][\w'-]*(?:\s+(?:of\s+|de\s+)?[A-Z][\w'-]*)*)"
+_AND = r"(?:\s*,\s*(?:and\s+|or\s+)?|\s+(?:and|or|&)\s+)(?:(?:in|for|of|at|to|from|on)\s+)?"
+_LISTED = re.compile(rf"{_NAME}(?:{_AND}{_NAME})+")
+_OPENERS = {"What", "What's", "How", "Which", "Who", "Is", "Are", "Do", "Does", "Can", "Could", "Please", "Tell",
+            "Give", "Find", "Get", "Show", "I", "I'm", "The", "A", "An", "And", "Or", "Compare", "Check", "List"}
+
+
+def listed_names(text: str) -> list[list[str]]:
+    """The groups of names a request lists together ("Paris and Rome", "in Boston, in Austin or in
+    Denver"): where a call takes one of them, the others usually want calls of their own."""
+    groups = []
+    for m in _LISTED.finditer(text):
+        members = []
+        for name in re.split(_AND, m.group(0)):
+            words = name.split()
+            while words and words[0] in _OPENERS:
+                words = words[1:]
+            if words:
+                members.append(" ".join(words))
+        # a list has an "and"/"or" ("Riga, Latvia" is one place, "Paris and Rome" two)
+        if len(members) > 1 and re.search(r"\s(?:and|or|&)\s", m.group(0)):
+            groups.append(list(dict.fromkeys(members)))
+    return groups
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
 class CallList(Matcher):
     """The matcher for a `ToolCalls` grammar, with the call-list policy on top: a call that repeats
     an earlier one of the same turn exactly (`earlier`: (name, arguments) of calls already made,
     plus each one this output completes) ends the output right after it (the chat layer drops the
     repeat), as does reaching `max_calls` calls or, between calls, nearing max_tokens (`close_by`)
     or having fewer tokens left than the longest call so far took.
-    A weak model that would call the same tool over and over until max_tokens makes one call."""
+    A weak model that would call the same tool over and over until max_tokens makes one call.
+    `listed`: groups of names the request lists together (`listed_names`): once a call has taken
+    exactly one name of a group, the list may not end between calls while another name of it is in
+    no call (a weak model asked about Paris and Rome would stop after Paris; a call that takes both,
+    a route from one to the other, is the whole list); the repeat, cap and budget rules still end it."""
 
     def __init__(self, compiled: Any, *, stop_token_ids: list[int] | None = None, max_calls: int | None = MAX_TOOL_CALLS,
-                 earlier: list[tuple[str, Any]] = ()) -> None:
+                 earlier: list[tuple[str, Any]] = (), listed: list[list[str]] = ()) -> None:
         super().__init__(compiled, stop_token_ids=stop_token_ids)
+        self.listed = [list(g) for g in listed]
         self.max_calls = max_calls
         self.earlier = [(name, args) for name, args in earlier]
         self._earlier = {call_key(name, args) for name, args in self.earlier}
@@ -235,6 +276,28 @@ class CallList(Matcher):
         super()._steer(bitmask, index)
         if self.ended:
             self._end_only(bitmask, index)
+        elif self.listed and self.text.endswith(TOOL_CALL_END.encode()) and self._names_left():
+            self._no_end(bitmask, index)
+
+    def _names_left(self) -> bool:
+        """A call took exactly one name of a listed group (it is about one of them), and some name of
+        the group is in no call yet."""
+        made = [json.loads(k) for k in self._made if k is not None] + [[n, a] for n, a in self.earlier]
+        for group in self.listed:
+            taken = [{name for name in group if any(name.lower() in v.lower() for v in _strings(args))}
+                     for _, args in made]
+            if any(len(t) == 1 for t in taken) and set(group) - set().union(*taken):
+                return True
+        return False
+
+    def _no_end(self, bitmask, index: int) -> None:
+        """Take the stop tokens out of the mask, when something else is allowed."""
+        row = bitmask[index].clone()
+        for t in self.stop_token_ids:
+            if 0 <= t < row.shape[0] * 32:
+                row[t // 32] &= ~_bit(t % 32)
+        if bool(row.any()):
+            bitmask[index] = row
 
     def accept_token(self, token_id: int) -> bool:
         state = (self.calls, self.repeats, self.closed, self.longest, self._call_from)

@@ -122,3 +122,44 @@ def test_held_calls_stream_the_same_result_in_any_chunking(seed):
     for i, c in enumerate(s.calls):
         assert "".join(e.text for e in events if e.kind == "call_args" and e.index == i) == c.arguments
     assert [e.index for e in events if e.kind == "call_start"] == [0, 1]
+
+
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_listed_names():
+    from agentrt.grammar import listed_names
+
+    assert listed_names("What is the weather in Paris and in Rome?") == [["Paris", "Rome"]]
+    assert listed_names("Weather for Boston, MA and San Francisco, CA.") == [["Boston", "MA", "San Francisco", "CA"]]
+    assert listed_names("Find the population of Tokyo, Delhi or Shanghai.") == [["Tokyo", "Delhi", "Shanghai"]]
+    assert listed_names("What is the area of a circle of radius 5 in Python?") == []
+    assert listed_names("Translate Hello from English to French.") == []
+
+
+def test_a_list_goes_on_while_a_listed_name_is_in_no_call(tiny_engine):
+    """Asked about Paris and Rome, a model that would stop after Paris may not end the list there; once
+    both are in calls (or when only one was asked about) it may."""
+    compiler = GrammarCompiler(tiny_engine.tokenizer, vocab_size=tiny_engine.vocab_size)
+    options = ChatOptions(tools=[WEATHER], tool_choice="required")
+
+    def may_end_after(question: str, calls: list[str]) -> bool:
+        messages = [{"role": "user", "content": question}]
+        _, matcher = anyio.run(lambda: prepare_chat(tiny_engine, compiler, messages, options))
+        for t in tiny_engine.tokenizer.encode("\n".join(calls), add_special_tokens=False):
+            assert matcher.accept_token(t)
+        mask = torch.zeros((1, (tiny_engine.vocab_size + 31) // 32), dtype=torch.int32)
+        matcher.fill_next_token_bitmask(mask, 0)
+        return any(mask[0, t // 32].item() >> (t % 32) & 1 for t in matcher.stop_token_ids)
+
+    paris, rome = call("weather", city="Paris"), call("weather", city="Rome")
+    assert not may_end_after("What is the weather in Paris and in Rome?", [paris])
+    assert may_end_after("What is the weather in Paris and in Rome?", [paris, rome])
+    assert may_end_after("What is the weather in Paris?", [paris])
+    assert may_end_after("What is the weather in Paris and in Rome?", [call("weather", city="Paris and Rome")])
+    route = {**WEATHER, "function": {**WEATHER["function"], "name": "route", "parameters": {
+        "type": "object", "properties": {"start": {"type": "string"}, "end": {"type": "string"}}}}}
+    options = ChatOptions(tools=[route], tool_choice="required")  # one call that takes two names is the list
+    assert may_end_after("Plan a route from New York, USA and then to Miami.",
+                         [call("route", start="New York", end="Miami")])
