@@ -100,8 +100,9 @@ def test_tiny_random_plans_parse_and_validate(tiny_engine):
 
 
 @pytest.mark.slow
-def test_smollm2_plans_for_50_queries_all_parse_and_validate(smol_engine):
-    texts = decode_plans(smol_engine, QUESTIONS)
-    assert len(texts) == 50
+def test_smollm2_plans_for_20_queries_all_parse_and_validate(smol_engine):
+    # four cities through every template (the whole fifty decode the same shapes, at 2.5x the suite time)
+    texts = decode_plans(smol_engine, QUESTIONS[:20])
+    assert len(texts) == 20
     for text in texts:
         check(text)
