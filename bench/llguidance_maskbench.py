@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO / "tests" / "grammar"))
 
 from maskbench_eval import maskbench_files, percentile, serialise
 
+log = logging.getLogger("bench.llguidance_maskbench")
 MAX_TOKENS = 256  # mask timings per instance
 # bench/results/llguidance_maskbench.json: --stride 20 (49 schemas) on 2 busy shared cores, llguidance 1.9.1,
 # xgrammar 0.2.9. llguidance compiles in ms (p95 12-14 ms against xgrammar's 8.4 s) and agrees as well
@@ -81,6 +82,7 @@ def run_agentrt(cases, tok, *, timeout: float, fallback_after: float) -> dict:
             continue
         stats.compile.append(time.perf_counter() - t0)
         stats.served[compiled.backend] = stats.served.get(compiled.backend, 0) + 1
+        log.info("%s: %s in %.2fs", name, compiled.backend, stats.compile[-1])
         for test in case["tests"]:
             m = compiled.matcher()
             ok = _walk(stats, tok, test, case, lambda: m.fill_next_token_bitmask(bitmask, 0), m.accept_token)
@@ -173,8 +175,12 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=None, help="runs to do (llguidance, llguidance_lenient, xgrammar, agentrt)")
     p.add_argument("--timeout", type=float, default=30.0, help="agentrt run: the compile deadline")
     p.add_argument("--fallback-after", type=float, default=5.0, help="agentrt run: xgrammar's share of it")
+    p.add_argument("--verbose", action="store_true", help="log each schema's compile (agentrt run)")
     args = p.parse_args()
-    logging.basicConfig(level=logging.ERROR)
+    logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s %(message)s")
+    if args.verbose:  # each schema's compile time and backend, and the grammar workers' events
+        for name in ("bench.llguidance_maskbench", "agentrt.grammar"):
+            logging.getLogger(name).setLevel(logging.INFO)
     tok = load_tokenizer("tiny-random")
     cases = [(f.name, json.loads(f.read_text())) for f in maskbench_files(args.stride)]
     out: dict = {"schemas": len(cases)}
