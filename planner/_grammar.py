@@ -21,7 +21,7 @@ from agentrt.errors import PlanError
 from agentrt.planner._ground import grounded_params
 from agentrt.tools import Tool, ToolRegistry
 
-__all__ = ["GrammarLimits", "plan_grammar", "react_grammar", "joiner_grammar", "answer_numbers"]
+__all__ = ["GrammarLimits", "plan_grammar", "react_grammar", "joiner_grammar", "answer_numbers", "expression_numbers"]
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,16 @@ def _json_lit(value: Any) -> str:
     return _lit(json.dumps(value, ensure_ascii=False, separators=(", ", ": ")))
 
 
+# numbers an expression may always use (halves, percentages, ...), and the calculator's functions
+_CONSTANTS = [str(n) for n in range(11)] + ["100", "1000"]
+_ARITH_DEPTH, _ARITH_TERMS = 3, 24  # parentheses nested, terms at each level
+_FUNCTIONS = ["sqrt", "abs", "round", "min", "max", "log10", "log", "exp", "sin", "cos", "tan", "floor", "ceil"]
+
+
 @dataclass
 class _Builder:
     limits: GrammarLimits
+    numbers: Sequence[str] | None = None  # see arithmetic_rule
     rules: dict[str, str] = field(default_factory=dict)
     _variants: dict[frozenset[int], int] = field(default_factory=dict)
     _counter: int = 0
@@ -204,11 +211,47 @@ class _Builder:
     def variant(self, allowed: frozenset[int]) -> int:
         return self._variants.setdefault(allowed, len(self._variants))
 
+    def arithmetic_rule(self, allowed: frozenset[int]) -> str:
+        """The calculator's `expression` as a JSON string of arithmetic it evaluates: numbers,
+        references `$K`, operators, parentheses and its functions, bounded (`_ARITH_DEPTH` levels of
+        parentheses, and terms per level by `max_string_chars`, else `_ARITH_TERMS`). With `numbers`
+        (the builder's), a number is one of them (`expression_numbers`): a model copying a worked
+        example's numbers cannot."""
+        v = self.variant(allowed)
+        chars = self.limits.max_string_chars
+        terms = _ARITH_TERMS if chars is None else max(1, min(_ARITH_TERMS, chars // 2))
+        name = f"arith_v{v}"
+        if name not in self.rules:
+            if "anum" not in self.rules:
+                fixed = sorted(set(self.numbers)) if self.numbers is not None else None
+                self.rule("anum", " | ".join(_lit(n) for n in fixed) if fixed else '[0-9] digit{0,14} ("." digit{1,6})?')
+                self.rule("aop", 'ws ("+" | "-" | "*" | "/" | "**" | "//" | "%") ws')
+                self.rule("afn", " | ".join(_lit(f) for f in _FUNCTIONS))
+            if allowed:
+                self.ref_rule(allowed)
+            for depth in range(_ARITH_DEPTH, -1, -1):
+                atoms = ["anum", '"pi"'] + ([f'"$" refid_v{v} path'] if allowed else [])
+                if depth < _ARITH_DEPTH:
+                    inner = f"arith_v{v}_{depth + 1}_0"
+                    atoms += [f'"(" ws {inner} ws ")"', f'afn "(" ws {inner} (ws "," ws {inner})? ws ")"']
+                atom = self.rule(f"aatom_v{v}_{depth}", " | ".join(atoms))
+                for i in range(terms - 1, -1, -1):
+                    more = f' | "-"? {atom} aop arith_v{v}_{depth}_{i + 1}' if i < terms - 1 else ""
+                    self.rule(f"arith_v{v}_{depth}_{i}", f'"-"? {atom}{more}')
+            self.rule(name, f"arith_v{v}_0_0")
+        ref = self.ref_rule(allowed)  # a whole result as the expression, as any string argument may be
+        return f'("\\"" {name} "\\""' + (f" | {ref})" if ref else ")")
+
     def args_rule(self, t: Tool, allowed: frozenset[int], key: str = "") -> str:
         """Rule for tool `t`'s argument object with references to `allowed` ids (`key` tells apart
-        copies of one tool whose schemas differ)."""
+        copies of one tool whose schemas differ). The calculator's expression is arithmetic
+        (`arithmetic_rule`)."""
         v = self.variant(allowed)
         name = f"args_v{v}_{t.name}{key}"
+        chars = self.limits.max_string_chars
+        if (t.name == "calculator" and list(t.parameters.get("properties", {})) == ["expression"]
+                and (chars is None or chars >= 32)):  # tighter bounds: a plain capped string
+            return self.rule(name, f'"{{" ws "\\"expression\\"" colon {self.arithmetic_rule(allowed)} ws "}}"')
         if name not in self.rules:
             self.rules[name] = ""  # reserve (recursion)
             emitter = _SchemaEmitter(self, t.parameters, f"v{v}_{t.name}{key}", allowed)
@@ -374,6 +417,7 @@ def plan_grammar(
     refs_within_plan: bool = True,
     limits: GrammarLimits = GrammarLimits(),
     cover: Sequence[str] = (),
+    numbers: Sequence[str] | None = None,
 ) -> str:
     """The xgrammar EBNF (root rule `root`) of a plan for these tools.
 
@@ -385,12 +429,15 @@ def plan_grammar(
     the grounded parameter of a tool that has one (`grounded_params`) before it may make any other
     call or end; a task so pinned is one lookup of the next phrase. Ignored when there are more
     phrases than tasks, or no tool grounds exactly one parameter.
+
+    `numbers`: the numbers the calculator's expressions may write (`expression_numbers`): a small
+    model copying a worked example's numbers cannot. None: any number.
     """
     tool_list = _tool_list(tools)
     known = frozenset(range(1, first_id) if known_ids is None else known_ids)
     lookups = [(t, p[0]) for t in tool_list if len(p := grounded_params(t)) == 1]
     cover = list(cover) if lookups and len(cover) < limits.max_tasks else []
-    b = _Builder(limits)
+    b = _Builder(limits, numbers)
     last = first_id + limits.max_tasks
 
     def seq(k: int) -> str:  # task k; while k - first_id < len(cover), that many phrases are covered
@@ -423,7 +470,8 @@ def react_grammar(
     (with `numbers`, its digits grounded as in `joiner_grammar`)."""
     tool_list = _tool_list(tools)
     known = frozenset(range(1, step_id) if known_ids is None else known_ids)
-    b = _Builder(limits)
+    numbers = list(numbers) if numbers is not None else None
+    b = _Builder(limits, numbers)
     task = b.task_rule(step_id, tool_list, known)
     b.rule("finish", f'"Finish(" {b.answer_rule(numbers, known)}')
     return b.render(f"maybe_thought ({task} | finish)")
@@ -444,6 +492,14 @@ def joiner_grammar(
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def expression_numbers(question: str, values: Iterable[Any]) -> list[str]:
+    """The numbers a calculation may use: the question's and the results' (`answer_numbers`), and small
+    constants (halves, percentages) only when the question has no numbers of its own (a question's
+    arithmetic is over its numbers; a model given more wanders onto them)."""
+    own = answer_numbers(question, [])
+    return answer_numbers(question, values) + ([] if own else _CONSTANTS)
 
 
 def answer_numbers(question: str, values: Iterable[Any], observations: Iterable[str] = (), cap: int = 256) -> list[str]:

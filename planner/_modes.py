@@ -18,7 +18,7 @@ from typing import Literal, Protocol
 from agentrt.errors import PlanError
 from agentrt.planner._executor import ExecutionState, Executor
 from agentrt.planner._ground import ground_tools, uncovered_phrases
-from agentrt.planner._grammar import GrammarLimits, answer_numbers, joiner_grammar, plan_grammar, react_grammar
+from agentrt.planner._grammar import GrammarLimits, answer_numbers, expression_numbers, joiner_grammar, plan_grammar, react_grammar
 from agentrt.planner._joiner import JoinerDecision, parse_joiner, resolve_answer
 from agentrt.planner._parser import PlanParser, stream_tasks
 from agentrt.planner._prompts import joiner_prompt, planner_prompt, react_prompt
@@ -163,7 +163,8 @@ async def _rounds(
                                 examples=examples)
         done = [(t.tool, state.resolved_args.get(tid, t.to_json()["args"])) for tid, t in state.tasks.items()]
         grammar = (plan_grammar(offered, first_id=first_id, known_ids=known, refs_within_plan=within, limits=limits,
-                                cover=uncovered_phrases(question, offered, done)) if constrained else None)
+                                cover=uncovered_phrases(question, offered, done),
+                                numbers=expression_numbers(question, state.values().values())) if constrained else None)
         parser = PlanParser(first_id=first_id, known_ids=known, tools=offered.names, refs_within_plan=within)
         raw: list[str] = []
         errors: list[str] = []

@@ -137,6 +137,26 @@ def _expression(op: str, n: int) -> str:
     return op
 
 
+# arithmetic as a question words it, and as the calculator writes it
+_SPOKEN = [("multiplied by", "*"), ("divided by", "/"), ("to the power of", "**"), ("times", "*"), ("plus", "+"),
+           ("minus", "-"), ("over", "/")]
+_SPOKEN_RE = re.compile(r"\b(" + "|".join(w for w, _ in _SPOKEN) + r")\b", re.IGNORECASE)
+_EXAMPLE_NUMBERS = ["16", "27", "35", "48", "59", "62"]  # none a small constant the grammar always allows
+
+
+def _spoken_arithmetic(question: str) -> tuple[str, list[str]] | None:
+    """A worked calculation with the question's operator words in its order over other numbers
+    (which the plan grammar's grounded numbers refuse, so only the shape can be copied), or None
+    when the question words no arithmetic."""
+    words = [m.group(1).lower() for m in _SPOKEN_RE.finditer(question)][:len(_EXAMPLE_NUMBERS) - 1]
+    if not words:
+        return None
+    symbol = dict(_SPOKEN)
+    spoken = " ".join(f"{n} {w}" for n, w in zip(_EXAMPLE_NUMBERS, words)) + f" {_EXAMPLE_NUMBERS[len(words)]}"
+    written = " ".join(f"{n} {symbol[w]}" for n, w in zip(_EXAMPLE_NUMBERS, words)) + f" {_EXAMPLE_NUMBERS[len(words)]}"
+    return f"What is {spoken}?", [f"calculator({json.dumps({'expression': written})})"]
+
+
 def tool_examples(tools: Iterable[Tool], question: str = "", *, lookups: int | None = None) -> str:
     """Worked plans built from the registered tools (not fixed content a model could copy).
 
@@ -172,6 +192,8 @@ def tool_examples(tools: Iterable[Tool], question: str = "", *, lookups: int | N
         if lookups == 1:
             return worked(next(i for i, x in enumerate(_SHAPES) if x[1] == 1 and x[2] is None))
         return "\n\n".join([worked(0), worked(next(i for i, x in enumerate(_SHAPES) if x[2] == "$1 - $2"))])
+    if calc is not None and not lookups and (spoken := _spoken_arithmetic(question)):
+        return _worked(*spoken)
     lines: list[str] = []
     for t in tools:
         if t is calc or (grounded_params(t) and not lookups):  # the question names nothing to look up

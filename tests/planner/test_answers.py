@@ -142,7 +142,7 @@ def test_worked_examples_come_from_the_tools_not_the_question():
     shape = tool_examples([search, calculator])  # no lookup the question grounds: the plan's shape
     assert "search(" in shape and '"$1"' in shape and "Question:" not in shape
     # a question that names nothing to look up: no lookup in the example, the calculator computes
-    plain = tool_examples([population, calculator], "What is 6 plus 7?")
+    plain = tool_examples([population, calculator], "What is 6 + 7?")
     assert "population" not in plain and plain.startswith("1. calculator(") and "2. join()" in plain
 
 
@@ -229,3 +229,22 @@ def test_an_answer_that_is_arithmetic_over_results_is_worked_out():
     assert resolve_answer("1982097 + 643452", values) == str(1982097 + 643452)
     for text in ("555-1234", "2024-01-05", "$1 people", "1 + x", "$3 - $1"):  # not arithmetic over known numbers
         assert resolve_answer(text, values) == text.replace("$1", "1982097")
+
+
+def test_a_calculation_uses_the_question_numbers_and_the_example_only_its_shape(compiler, tokenizer):
+    from agentrt.planner._grammar import expression_numbers
+
+    q = "What is 17 times 23 plus 4?"
+    example = tool_examples([population, calculator], q)
+    assert example.startswith("Question: What is 16 times 27 plus 35?") and '"16 * 27 + 35"' in example
+    numbers = expression_numbers(q, [])
+    assert numbers == ["17", "23", "4"]  # a question's own numbers: no constants to wander onto
+    assert "2" in expression_numbers("What is the average population of Lyon and Porto?", [])
+    grammar = plan_grammar([population, calculator], numbers=numbers)
+    assert _full(compiler, tokenizer, grammar, '1. calculator({"expression": "17 * 23 + 4"})\n2. join()')
+    assert _full(compiler, tokenizer, grammar, '1. calculator({"expression": "sqrt(17) - (23 / 4)"})\n2. join()')
+    assert not _full(compiler, tokenizer, grammar, '1. calculator({"expression": "16 * 27 + 35"})\n2. join()')
+    assert not _full(compiler, tokenizer, grammar, '1. calculator({"expression": "17 times 23"})\n2. join()')
+    refs = plan_grammar([population, calculator], numbers=expression_numbers("Lyon and Porto?", []))
+    assert _full(compiler, tokenizer, refs, '1. population({"city": "Lyon"})\n2. population({"city": "Porto"})\n'
+                 '3. calculator({"expression": "($1 + $2) / 2"})\n4. join()')
