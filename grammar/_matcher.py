@@ -82,13 +82,17 @@ class Matcher:
                 bitmask[index] = closing
                 return
 
-    def _end_only(self, bitmask: torch.Tensor, index: int) -> None:
-        """Allow only the stop tokens, when the grammar can end here (else leave the mask as it is)."""
-        row = torch.zeros_like(bitmask[index])
+    def _stop_row(self, like: torch.Tensor) -> torch.Tensor:
+        """A bitmask row with only the stop tokens' bits set."""
+        row = torch.zeros_like(like)
         for t in self.stop_token_ids:
             if 0 <= t < row.shape[0] * 32:
                 row[t // 32] |= _bit(t % 32)
-        ends = bitmask[index] & row
+        return row
+
+    def _end_only(self, bitmask: torch.Tensor, index: int) -> None:
+        """Allow only the stop tokens, when the grammar can end here (else leave the mask as it is)."""
+        ends = bitmask[index] & self._stop_row(bitmask[index])
         if bool(ends.any()):
             bitmask[index] = ends
 

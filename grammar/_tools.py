@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from agentrt.errors import GrammarError
 from agentrt.grammar._constraints import Constraint, JsonSchema, ebnf_literal
 from agentrt.grammar._json import first_line, merge_grammars
-from agentrt.grammar._matcher import Matcher, _bit
+from agentrt.grammar._matcher import Matcher
 
 __all__ = [
     "ToolSpec",
@@ -292,10 +292,7 @@ class CallList(Matcher):
 
     def _no_end(self, bitmask, index: int) -> None:
         """Take the stop tokens out of the mask, when something else is allowed."""
-        row = bitmask[index].clone()
-        for t in self.stop_token_ids:
-            if 0 <= t < row.shape[0] * 32:
-                row[t // 32] &= ~_bit(t % 32)
+        row = bitmask[index] & ~self._stop_row(bitmask[index])
         if bool(row.any()):
             bitmask[index] = row
 

@@ -218,6 +218,7 @@ class _Builder:
         (the builder's), a number is one of them (`expression_numbers`): a model copying a worked
         example's numbers cannot."""
         v = self.variant(allowed)
+        ref = self.ref_rule(allowed)  # also defines refid_v{v}, used below
         chars = self.limits.max_string_chars
         terms = _ARITH_TERMS if chars is None else max(1, min(_ARITH_TERMS, chars // 2))
         name = f"arith_v{v}"
@@ -227,8 +228,6 @@ class _Builder:
                 self.rule("anum", " | ".join(_lit(n) for n in fixed) if fixed else '[0-9] digit{0,14} ("." digit{1,6})?')
                 self.rule("aop", 'ws ("+" | "-" | "*" | "/" | "**" | "//" | "%") ws')
                 self.rule("afn", " | ".join(_lit(f) for f in _FUNCTIONS))
-            if allowed:
-                self.ref_rule(allowed)
             for depth in range(_ARITH_DEPTH, -1, -1):
                 atoms = ["anum", '"pi"'] + ([f'"$" refid_v{v} path'] if allowed else [])
                 if depth < _ARITH_DEPTH:
@@ -239,7 +238,7 @@ class _Builder:
                     more = f' | "-"? {atom} aop arith_v{v}_{depth}_{i + 1}' if i < terms - 1 else ""
                     self.rule(f"arith_v{v}_{depth}_{i}", f'"-"? {atom}{more}')
             self.rule(name, f"arith_v{v}_0_0")
-        ref = self.ref_rule(allowed)  # a whole result as the expression, as any string argument may be
+        # a whole result as the expression, as any string argument may be
         return f'("\\"" {name} "\\""' + (f" | {ref})" if ref else ")")
 
     def args_rule(self, t: Tool, allowed: frozenset[int], key: str = "") -> str:

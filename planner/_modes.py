@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -117,7 +118,7 @@ def _grounding(question: str, state: ExecutionState) -> dict:
 def _names_results(text: str, state: ExecutionState) -> bool:
     """`text` is nothing but references to successful results (`$3`, `$3 and $4`)."""
     refs = [parse_ref(m.group(0)) for m in REF_RE.finditer(text)]
-    rest = REF_RE.sub("", text).strip(" \t\n.,;:and")
+    rest = re.sub(r"\band\b|[\s.,;:]", "", REF_RE.sub("", text))
     return bool(refs) and not rest and all(r is not None and r.task in state.values() for r in refs)
 
 
