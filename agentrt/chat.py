@@ -199,6 +199,9 @@ class ToolCallStream:
                 self._bare_call(events, name, args)
         if self._block is None:
             self._content(events, self._buf)
+            if not self.content and not self.calls and self._ws:  # an output of whitespace only is its content
+                self.content = self._ws
+                events.append(ChatEvent("content", self._ws))
         elif self._args_start >= 0:  # cut short (length): the call keeps the arguments it has
             self._args(events, self._block[self._args_start:])
             self._release(events, force=True)

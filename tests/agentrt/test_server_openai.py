@@ -313,3 +313,17 @@ def test_the_compile_timeout_comes_from_the_environment(api, monkeypatch):
     monkeypatch.setenv("AGENTRT_COMPILE_TIMEOUT", "120")  # a 151k vocabulary on a busy CPU
     assert create_app(engine).state.compiler.timeout == 120.0
     assert create_app(engine, compile_timeout=5).state.compiler.timeout == 5
+
+
+def test_a_whitespace_only_reply_is_its_content_streamed_and_not(api):
+    """A reply of whitespace alone is the reply (not null); streamed, the chunk with the finish_reason
+    carries it, and the chunks join to the non-streamed content."""
+    client, _ = api
+    kwargs = dict(model="tiny-random", messages=MSGS, max_tokens=10, temperature=0,
+                  extra_body={"guided_grammar": 'root ::= "\\n\\n" " "'})
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    assert whole.message.content == "\n\n " and whole.finish_reason == "stop"
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    last = chunks[-1].choices[0]
+    assert last.finish_reason == "stop" and last.delta.content
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.message.content
