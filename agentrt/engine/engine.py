@@ -28,7 +28,7 @@ from agentrt.engine.loader import load_model
 from agentrt.engine.model import Transformer
 from agentrt.engine.output import OutputProcessor, Processed
 from agentrt.engine.runner import ModelRunner
-from agentrt.engine.sampling import MaskFiller, SamplingParams, sample_step
+from agentrt.engine.sampling import MaskFiller, SamplingParams, sample_sequences
 from agentrt.engine.scheduler import Scheduler
 from agentrt.engine.sequence import Completion, Output, Sequence
 from agentrt.engine.tokens import prompt_ids, template_ids
@@ -282,8 +282,7 @@ class Engine:
         if self._async_forward:  # the device is computing: the last step's outputs go out meanwhile
             self._flush()
         self.masks.apply(logits)
-        out = sample_step(logits, [s.params for s in sampling], [s.generator for s in sampling],
-                          [(s.prompt_ids, s.output_ids) for s in sampling])
+        out = sample_sequences(logits, sampling)
         self.steps += 1
         self.scheduler.postprocess(work)
         for seq, token, logprob, top in zip(sampling, out.tokens, out.logprobs, out.top_logprobs):

@@ -23,21 +23,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from agentrt.engine.collaboration import CollaborationPrompts
 from agentrt.engine.constraint import TokenConstraint
+from agentrt.engine.delivery import drop
 from agentrt.engine.kv import KVSequence
-from agentrt.engine.sampling import SamplingParams, sample_step
+from agentrt.engine.runner import ViewRow, view_keys
+from agentrt.engine.sampling import Sampled, SamplingParams, sample_sequences
+from agentrt.engine.sequence import Sequence
 from agentrt.errors import EngineClosedError, EngineError, InvalidRequestError
 
 __all__ = ["CollaborationPrompts", "HogwildPool", "HogwildResult", "ViewRecord"]
 
 log = logging.getLogger(__name__)
 
-_GREEDY = SamplingParams()
+
 @dataclass
 class HogwildResult:
     answer: str | None  # None when no answer was given and no finisher ran
@@ -67,28 +70,27 @@ class _Block:
 
     seq: KVSequence
     ids: list[int] = field(default_factory=list)
-    _keys: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def keys(self, pool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slots, stored positions), both [len]; cached while the block does not grow."""
-        if self._keys is None or self._keys[0].numel() != len(self.ids):
-            self._keys = (pool.slots(self.seq), torch.tensor(self.seq.positions, dtype=torch.long))
-        return self._keys
 
 
 @dataclass(eq=False)
 class _Worker:
+    """A worker (or the finisher): its Sequence, which output processing advances (output_ids: all it
+    wrote, forced headers included, its stop token not; pending: what the next forward feeds), and its
+    place in the collaboration."""
+
     index: int
-    block: _Block
-    pending: list[int]  # tokens to feed next forward
-    generator: torch.Generator | None
-    ids: list[int] = field(default_factory=list)
-    step_ids: list[int] = field(default_factory=list)
+    seq: Sequence
+    block: _Block  # its current step
+    step_start: int = 0  # where the current step begins in seq.output_ids
     forced: int = 0  # leading forced tokens (the header) of the current step
     step: int = 1
     since_check: int = 0
     ending: bool = False  # the pending token closes the step: join after the next forward
     done: bool = False
+
+    @property
+    def step_ids(self) -> list[int]:
+        return self.seq.output_ids[self.step_start:]
 
 
 _Row = tuple[int, list[_Block], _Block, list[int]]  # (label, context blocks, own block, tokens to feed)
@@ -117,6 +119,7 @@ class HogwildPool:
         # steps of few tokens run the fused step (CUDA graphs on a GPU): views as slot tables + key deltas
         self._fused = engine.cuda_graphs if fused is None else fused
         self._seqs: list[KVSequence] = []
+        self._keys: dict = {}  # the blocks' slots and stored positions between forwards (runner.view_keys)
         self._owner: object | None = None  # the run holding the pages
         self._reset(SamplingParams(), 0, None)
 
@@ -238,6 +241,7 @@ class HogwildPool:
         for seq in self._seqs:
             self.pool.free(seq)
         self._seqs.clear()
+        self._keys.clear()
         self._running, self._owner = False, None
 
     def _context(self, me: _Worker | None) -> list[_Block]:
@@ -270,48 +274,60 @@ class HogwildPool:
     def _prefill(self, prompt: list[int], params: SamplingParams, max_tokens: int) -> None:
         self._reset(params, max_tokens, self._new_block())
         self._running = True
-        first = self._forward([(-2, [], self._common[0], prompt)])  # [1, V]
-        for w in range(self.num_workers):
-            gen = None if params.seed is None else torch.Generator(self.pool.k.device).manual_seed(params.seed + w)
-            self._workers.append(_Worker(w, self._new_block(), [], gen))
+        first = self._run([(-2, [], self._common[0], prompt)])  # [1, V]
+        for w in range(self.num_workers):  # worker w draws from seed + w; steps end at the separator
+            seed = None if params.seed is None else params.seed + w
+            own = replace(params, seed=seed, stop=[], max_tokens=self.engine.max_context)
+            self._workers.append(_Worker(w, self._sequence(prompt, own), self._new_block()))
         if self.prompts is None:  # plain mode: every worker samples its first token from the prompt
-            self._accept(list(zip(self._workers, first.expand(self.num_workers, -1))))
+            self._accept(self._workers, first.expand(self.num_workers, -1).clone())
             return
         p = self.prompts
         self._headers = (self._new_block(), self._new_block(), self._new_block())
         rows: list[_Row] = [(-2, self._common[:], h, self._encode(text))
                             for h, text in zip(self._headers, (p.others_header, p.pivot, p.own_header))]
         for w in self._workers:
-            w.pending = self._encode(p.opening(w.index))
-            w.ids, w.step_ids, w.forced = list(w.pending), list(w.pending), len(w.pending)
-            rows.append((w.index, self._context(w), w.block, w.pending))
-        logits = self._forward(rows)
+            self._force(w, self._encode(p.opening(w.index)))
+            rows.append((w.index, self._context(w), w.block, w.seq.pending))
+        logits = self._run(rows)
         self._steps += 1
         for w in self._workers:
-            w.pending = []
-        self._accept(list(zip(self._workers, logits[3:])))
+            w.seq.pending = []
+        self._accept(self._workers, logits[3:])
+
+    def _sequence(self, prompt: list[int], params: SamplingParams,
+                  constraint: TokenConstraint | None = None) -> Sequence:
+        """A Sequence for a worker or the finisher: sampled and advanced as the engine's requests are."""
+        return Sequence.new(0, prompt, params, constraint, drop, self.tok, self.engine.eos_token_ids,
+                            self.pool.k.device)
+
+    def _force(self, w: _Worker, tokens: list[int]) -> None:
+        """Start `w`'s next step with forced text (its header): written into it, fed by the next forward."""
+        w.step_start, w.forced = len(w.seq.output_ids), len(tokens)
+        self.engine.output.injected(w.seq, tokens)
 
     # --- engine thread: one step -----------------------------------------------------------------
     def _step(self) -> bool:
-        active = [w for w in self._workers if w.pending and not w.done]
+        active = [w for w in self._workers if w.seq.pending and not w.done]
         if not self._running or not active:
             return False
         longest = max(sum(len(b.ids) for b in self._context(w)) + len(w.block.ids) for w in active)
-        if longest + sum(len(w.pending) for w in active) + 1 >= self.engine.max_context:
+        if longest + sum(len(w.seq.pending) for w in active) + 1 >= self.engine.max_context:
             log.info("hogwild: views reached the context limit (%d)", self.engine.max_context)
             self._running = False
             return False
-        logits = self._forward([(w.index, self._context(w), w.block, w.pending) for w in active])  # [R, V]
+        logits = self._run([(w.index, self._context(w), w.block, w.seq.pending) for w in active])  # [R, V]
         self._steps += 1
-        sampling = []
-        for w, row in zip(active, logits):
-            w.pending = []
+        sampling, rows = [], []
+        for r, w in enumerate(active):
+            w.seq.pending = []
             if w.ending:  # the step's last token is cached: the step joins the common history as is
                 self._join(w)
-                if w.pending:  # forced text (the next step's header) goes first
+                if w.seq.pending:  # forced text (the next step's header) goes first
                     continue
-            sampling.append((w, row))
-        self._accept(sampling)
+            sampling.append(w)
+            rows.append(r)
+        self._accept(sampling, logits[rows])
         return self._running
 
     def _join(self, w: _Worker) -> None:
@@ -324,7 +340,7 @@ class HogwildPool:
         moves = [offset + i - p for i, p in enumerate(seq.positions)]
         if any(moves):
             self.pool.reposition(seq, 0, seq.length, moves, self.engine.model.rotary)
-            w.block._keys = None
+            self._keys.pop(id(seq), None)
         self._common.append(w.block)
         w.block, w.ending, w.step = self._new_block(), False, w.step + 1
         prefix = ""
@@ -333,21 +349,24 @@ class HogwildPool:
             prefix = (self.separator if cut else "") + self.prompts.step_prefix(w.index, w.step)
             if w.since_check >= self.prompts.check_every:
                 prefix, w.since_check = prefix + self.prompts.check, 0
-        w.pending = self._encode(prefix)
-        w.step_ids, w.forced = list(w.pending), len(w.pending)
-        w.ids += w.pending
+        self._force(w, self._encode(prefix))
 
-    def _accept(self, sampling: list[tuple[_Worker, torch.Tensor]]) -> None:
-        """Sample each worker's next token; detect step ends, answers, EOS and the budget."""
-        if not sampling:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> Sampled:
+        """The engine's one mask path and its sampler over the rows of `logits` (row i: seqs[i])."""
+        self.engine.masks.mask(logits, [(i, s.constraint) for i, s in enumerate(seqs) if s.constraint is not None])
+        return sample_sequences(logits, seqs)
+
+    def _accept(self, workers: list[_Worker], logits: torch.Tensor) -> None:
+        """Sample each worker's next token and take it as the engine takes a request's; then see what it
+        means for the run: a step's end, an answer, a worker done (EOS), the budget spent."""
+        if not workers:
             return
-        rows = torch.stack([row for _, row in sampling])  # [R, V]
-        tokens = sample_step(rows, [self._params] * len(sampling), [w.generator for w, _ in sampling]).tokens
-        for (w, _), t in zip(sampling, tokens):
+        out = self._sample(logits, [w.seq for w in workers])
+        for w, t, logprob, top in zip(workers, out.tokens, out.logprobs, out.top_logprobs):
             if self._generated >= self._max_tokens:
                 self._reason, self._running = "length", False
                 return
-            if t in self.engine.eos_token_ids:
+            if self._take(w, t, logprob, top):
                 w.done = True
                 self._check_answer(w)
                 if all(x.done for x in self._workers) and self._running:
@@ -355,15 +374,22 @@ class HogwildPool:
                 continue
             self._generated += 1
             w.since_check += 1
-            w.ids.append(t)
-            w.step_ids.append(t)
-            w.pending = [t]
             written = len(w.step_ids) - w.forced
             if self.separator in self.tok.decode(w.step_ids[-min(2, written):]) or written >= self.max_step_tokens:
                 w.ending = True
                 self._check_answer(w)
         if self._generated >= self._max_tokens and self._running:
             self._reason, self._running = "length", False
+
+    def _take(self, w: _Worker, token: int, logprob: float | None = None, top: dict | None = None) -> bool:
+        """Output processing of a sampled token (the engine's: grammar, stop token, jump-forward, pending);
+        True if it ended the sequence, whose stop token then leaves its output."""
+        seq = w.seq
+        if self.engine.output.sampled(seq, token, logprob, top).finish is None:
+            return False
+        if seq.output_ids and seq.output_ids[-1] in seq.stop_ids:
+            seq.output_ids.pop()
+        return True
 
     def _check_answer(self, w: _Worker) -> None:
         marker = self.prompts.answer_marker if self.prompts is not None else None
@@ -374,33 +400,23 @@ class HogwildPool:
 
     # --- engine thread: the finisher ---------------------------------------------------------------
     def _begin_finisher(self, suffix: list[int], constraint: TokenConstraint | None, answer_tokens: int) -> None:
-        self._finisher = _Worker(-1, self._new_block(), suffix, None)
-        self._constraint, self._answer_budget, self._answer_ids = constraint, answer_tokens, []
+        seq = self._sequence(suffix, SamplingParams(max_tokens=answer_tokens), constraint)  # greedy
+        seq.pending = list(suffix)
+        self._finisher = _Worker(-1, seq, self._new_block())
 
     def _finisher_step(self) -> bool:
-        f, c = self._finisher, self._constraint
-        logits = self._forward([(-1, self._context(None), f.block, f.pending)])  # [1, V]
-        if c is not None:
-            self.engine.masks.mask(logits, [(0, c)])
-        t = sample_step(logits, [_GREEDY], [None]).tokens[0]
-        if c is not None and not c.accept_token(t):
-            raise EngineError(f"the answer's grammar rejected token {t}")
-        if t in self.engine.eos_token_ids and (c is None or c.is_terminated()):
-            return self._set_answer()
-        self._answer_ids.append(t)
-        f.pending = [t]
-        text = self.tok.decode(self._answer_ids, skip_special_tokens=True)
-        if (c is not None and c.is_terminated()) or (c is None and "\n" in text.strip()) \
-                or len(self._answer_ids) >= self._answer_budget:
-            return self._set_answer()
+        f = self._finisher
+        logits = self._run([(-1, self._context(None), f.block, f.seq.pending)])  # [1, V]
+        f.seq.pending = []
+        ended = self._take(f, self._sample(logits, [f.seq]).tokens[0])
+        text = self.tok.decode(f.seq.output_ids, skip_special_tokens=True)
+        if ended or (f.seq.constraint is None and "\n" in text.strip()):  # unconstrained: one line
+            self._answer = text.strip()
+            return False
         return True
 
-    def _set_answer(self) -> bool:
-        self._answer = self.tok.decode(self._answer_ids, skip_special_tokens=True).strip()
-        return False
-
     def _result(self) -> HogwildResult:
-        ids = [w.ids for w in self._workers]
+        ids = [w.seq.output_ids for w in self._workers]
         transcript_blocks = self._context(None)[1:]  # without the prompt
         return HogwildResult(
             answer=self._answer,
@@ -413,30 +429,17 @@ class HogwildPool:
         )
 
     # --- engine thread: the batched forward ----------------------------------------------------------
-    def _forward(self, rows: list[_Row]) -> torch.Tensor:
-        """Feed each row's tokens into its own block, attending over [context, own]: one model call.
-
-        Rows see each other's tokens of this forward (K/V are written before attention in every layer).
-        Returns the next-token logits after each row's last token: [R, V].
-        """
-        pool = self.pool
-        grows = {id(own): len(new) for _, _, own, new in rows}
-        # where the new tokens sit in their writer's view (every row's tokens of this forward included)
-        starts = [sum(len(b.ids) + grows.get(id(b), 0) for b in ctx) + len(own.ids) for _, ctx, own, _ in rows]
-        ids, positions, writes = [], [], []
-        for (_, _, own, new), start in zip(rows, starts):
-            pos = list(range(start, start + len(new)))
-            writes.append(pool.append(own.seq, len(new), pos))
+    def _run(self, rows: list[_Row]) -> torch.Tensor:
+        """The runner's forward over the rows' views (each row's tokens join its own block); rows see
+        each other's tokens of this forward. Next-token logits after each row's last token: [R, V]."""
+        logits = self.engine.runner.run_views([ViewRow([b.seq for b in ctx], own.seq, new)
+                                               for _, ctx, own, new in rows], self._fused, self._keys)
+        for _, _, own, new in rows:
             own.ids += new
-            ids += new
-            positions += pos
-        views = [[b.keys(pool) for b in (*ctx, own)] for _, ctx, own, _ in rows]
-        slots = [torch.cat([s for s, _ in v]) for v in views]  # [T_r] each
-        stored = [torch.cat([p for _, p in v]) for v in views]  # [T_r] position each key was written at
-        qs = [len(new) for *_, new in rows]
-        logits = self.engine.runner.run_views(ids, positions, writes, slots, stored, qs, self._fused)
         if self.trace:
-            self.views = [ViewRecord(label, [x for b in (*ctx, own) for x in b.ids], s, p, logits[r].clone(),
-                                     pool.k[:, s].clone())
-                          for r, ((label, ctx, own, _), s, p) in enumerate(zip(rows, slots, stored))]
+            self.views = []
+            for r, (label, ctx, own, _) in enumerate(rows):
+                slots, stored = view_keys(self.pool, [b.seq for b in (*ctx, own)], self._keys)
+                self.views.append(ViewRecord(label, [x for b in (*ctx, own) for x in b.ids], slots, stored,
+                                             logits[r].clone(), self.pool.k[:, slots].clone()))
         return logits

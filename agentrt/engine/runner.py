@@ -8,6 +8,8 @@ Either replays a captured CUDA graph of the fused step where one fits, else runs
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -20,7 +22,21 @@ from agentrt.engine.exact import PREFILL_TILES, Tiles
 from agentrt.engine.kernels import triton_ready
 from agentrt.engine.model import AttentionGroup, BatchInput, ExactRows, Transformer, shared_prefix
 
-__all__ = ["ModelRunner", "chunk_group", "feed_sequence", "graphable"]
+__all__ = ["ModelRunner", "ViewRow", "chunk_group", "feed_sequence", "graphable", "view_keys"]
+
+
+@dataclass(eq=False)
+class ViewRow:
+    """One row of a hogwild forward: `tokens` fed into the block `own`, attending over the blocks of
+    `context` (in view order) and then `own`."""
+
+    context: list[KVSequence]
+    own: KVSequence
+    tokens: list[int]
+
+    @property
+    def blocks(self) -> list[KVSequence]:
+        return [*self.context, self.own]
 
 
 class ModelRunner:
@@ -119,11 +135,26 @@ class ModelRunner:
                                              max_context=self.max_context, views=True)
         return self._view_graphs
 
-    def run_views(self, ids: list[int], positions: list[int], writes: list[torch.Tensor], slots: list[torch.Tensor],
-                  stored: list[torch.Tensor], qs: list[int], fused: bool) -> torch.Tensor:
-        """One forward over hogwild views: row r feeds qs[r] of `ids` (written at `writes`, at `positions`)
-        attending over the keys at slots[r], each stored at position stored[r] (re-rotated to the view's
-        dense positions). Next-token logits after each row's last token: [R, V]."""
+    def run_views(self, rows: list[ViewRow], fused: bool, keys: dict | None = None) -> torch.Tensor:
+        """One forward over hogwild views: each row's tokens are appended to its own block at the
+        positions its view gives them (after every block before it, this forward's new tokens of the
+        other rows included, so rows see each other's tokens at once) and attend over the view's keys,
+        re-rotated to the view's dense positions. Next-token logits after each row's last token: [R, V].
+        `keys`: the blocks' slots and positions, kept between forwards by the caller (see `view_keys`)."""
+        pool = self.pool
+        grows = {id(r.own): len(r.tokens) for r in rows}
+        ids, positions, writes = [], [], []
+        starts = [sum(b.length + grows.get(id(b), 0) for b in r.context) + r.own.length for r in rows]
+        for r, start in zip(rows, starts):
+            pos = list(range(start, start + len(r.tokens)))
+            writes.append(pool.append(r.own, len(r.tokens), pos))
+            ids += r.tokens
+            positions += pos
+        keys = {} if keys is None else keys  # each block's, read once per forward at least
+        views = [view_keys(pool, r.blocks, keys) for r in rows]
+        slots = [s for s, _ in views]  # [T_r] each
+        stored = [p for _, p in views]  # [T_r] position each key was written at
+        qs = [len(r.tokens) for r in rows]
         graphs = self.view_graphs() if fused else None
         if graphs is not None and graphs.fits(sum(qs), len(qs), max(s.numel() for s in slots)):
             return self._run_views_fused(graphs, ids, positions, writes, slots, stored, qs)
@@ -176,6 +207,21 @@ class ModelRunner:
             cols = max(cols, t)
         host.logits_rows[:len(last)] = last
         return graphs.launch(r, cols, len(last))
+
+
+def view_keys(pool: KVPool, blocks: list[KVSequence], memo: dict | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pool slot and the stored position (where its key was rotated) of every key of `blocks`, in
+    order: ([T], [T]). `memo` keeps each block's by id between calls: a block is read again when its
+    length changed; one re-positioned in place must be dropped from it by the caller."""
+    memo = {} if memo is None else memo
+    parts = []
+    for b in blocks:
+        hit = memo.get(id(b))
+        if hit is None or hit[0] is not b or hit[1].numel() != b.length:
+            hit = memo[id(b)] = (b, pool.slots(b), torch.tensor(b.positions, dtype=torch.long))
+        parts.append(hit)
+    return torch.cat([s for _, s, _ in parts]), torch.cat([p for _, _, p in parts])
 
 
 def chunk_group(pool: KVPool, seq: KVSequence, row: int, n: int, exact: bool = False) -> AttentionGroup:

@@ -18,7 +18,7 @@ import torch
 from agentrt.engine.constraint import TokenConstraint, allocate_bitmask
 from agentrt.errors import SamplingParamError
 
-__all__ = ["SamplingParams", "MaskFiller", "Sampled", "sample_step", "apply_penalties"]
+__all__ = ["SamplingParams", "MaskFiller", "Sampled", "sample_step", "sample_sequences", "apply_penalties"]
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
@@ -149,6 +149,13 @@ def sample_step(logits: torch.Tensor, params: list[SamplingParams], generators: 
             pairs = zip(top_i[j * k:j * k + n], top_v[j * k:j * k + n])
             out.top_logprobs[i] = {int(t): lp for t, lp in pairs if lp != float("-inf")}
     return out
+
+
+def sample_sequences(logits: torch.Tensor, seqs: list) -> Sampled:
+    """`sample_step` for sequences (`agentrt.engine.sequence.Sequence`), row i being seqs[i]'s: each
+    with its own parameters, seeded generator and (prompt, output) history for the penalties."""
+    return sample_step(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                       [(s.prompt_ids, s.output_ids) for s in seqs])
 
 
 def _draw(row: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
