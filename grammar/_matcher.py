@@ -50,6 +50,8 @@ class Matcher:
         self._escaped = False
         self.depth = 0  # brackets open outside strings
         self._marks: list[tuple[int, bool, bool, int]] = []  # per accepted token: (len(text), in_string, escaped, depth) before it
+        # after jump-forward: (tokens accepted once its commit is in, the forced rest's first canonical token)
+        self._rest: tuple[int, int] | None = None
 
     @property
     def warnings(self) -> list[str]:
@@ -62,7 +64,19 @@ class Matcher:
                 f"vocabulary of {self.vocab_size} ({bitmask_width(self.vocab_size)} words)"
             )
         self.xgr.fill_next_token_bitmask(bitmask, index)
+        self._canonical(bitmask, index)
         self._steer(bitmask, index)
+
+    def _canonical(self, bitmask: torch.Tensor, index: int) -> None:
+        """Where forced text is left to the sampler (`forced_tokens`), mask the tokens that spell only
+        part of its first canonical token (see agentrt.grammar._boundary)."""
+        if self._rest is None or self._rest[0] != self.num_accepted:
+            return
+        row, first = bitmask[index], self._rest[1]
+        if not int(row[first // 32]) & _bit(first % 32):
+            return  # the canonical token is not allowed here: leave the grammar's mask alone
+        for t in _boundaries(self.compiled).strict_prefixes(first):
+            row[t // 32] &= ~_bit(t % 32)
 
     @property
     def near_budget(self) -> bool:
@@ -154,7 +168,14 @@ class Matcher:
         """Tokens of the forced text (`encode` gives its canonical tokenisation) that end before any
         token could straddle its end (`TokenBoundaries`); not yet accepted."""
         forced = self.find_jump_forward_string()
-        return _boundaries(self.compiled).commit(forced, encode(forced)) if forced else []
+        self._rest = None
+        if not forced:
+            return []
+        ids, bounds = encode(forced), _boundaries(self.compiled)
+        commit = bounds.commit(forced, ids)
+        if len(ids) > len(commit) and bounds.spells(forced, ids):
+            self._rest = (self.num_accepted + len(commit), int(ids[len(commit)]))
+        return commit
 
     def rollback(self, num_tokens: int) -> None:
         if num_tokens > self.num_accepted:

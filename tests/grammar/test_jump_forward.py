@@ -84,3 +84,33 @@ def test_forced_text_stops_before_a_token_could_straddle_it(tokenizer):
     assert tokenizer.decode(ids) == forced and kept == ids[:len(kept)]
     assert not tokenizer.decode(kept).endswith(" ")  # ' ' joins what follows: ' -', ' "'
     assert b.commit("abc", [0, 1]) == []  # ids that do not spell the text commit nothing
+
+
+CALC = {"type": "object", "properties": {"expression": {"type": "string", "minLength": 1}},
+        "required": ["expression"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("schema,kind", [(CALC, "string"), (POINT, "number")])
+def test_forced_text_left_to_the_sampler_keeps_its_canonical_first_token(compiler, tokenizer, schema, kind):
+    """After `{"expression":` the grammar forces `' "'`: the lone `' '` (what a model that wants a number
+    there writes) is masked and `' "'` is not; before a number, where `' '` is the canonical token,
+    nothing is masked (`' '` and `' -'` both stay)."""
+    matcher = compiler.compile(JsonSchema(schema, separators=(", ", ": "))).matcher()
+    key = next(iter(schema["properties"]))
+    for t in tokenizer.encode('{"' + key + '"', add_special_tokens=False):
+        assert matcher.accept_token(t)
+    committed = jump_forward_tokens(matcher, tokenizer)
+    for t in committed:
+        assert matcher.accept_token(t)
+    mask = allocate_bitmask(1, VOCAB)
+    matcher.fill_next_token_bitmask(mask, 0)
+
+    def allowed(text: str) -> bool:
+        (t,) = tokenizer.encode(text, add_special_tokens=False)
+        return bool(mask[0, t // 32].item() >> (t % 32) & 1)
+
+    assert tokenizer.decode(committed).endswith(":")
+    if kind == "string":
+        assert allowed(' "') and not allowed(" ")
+    else:
+        assert allowed(" ") and allowed(" -")
