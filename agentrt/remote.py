@@ -22,7 +22,7 @@ from agentrt.gbnf import ebnf_to_gbnf
 from agentrt.notes import note
 from agentrt.engine.sampling import SamplingParams
 
-__all__ = ["RemoteBackend", "Dialect", "DIALECTS", "grammar_accepts"]
+__all__ = ["RemoteBackend", "RemoteChatResult", "Dialect", "DIALECTS", "grammar_accepts"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 #              json_object/json_schema; tool calls need `--jinja`, tool_choice "auto", "none" or "required" (an
 #              object is read as "auto": a named choice is not kept); `/props` answers its settings;
 #              `"owned_by": "llamacpp"` (tools/server/server-context.cpp).
+# Sampling beyond OpenAI's fields: vLLM's and SGLang's chat requests take `top_k` (-1: off) and
+# `repetition_penalty` (docs: "extra parameters"), and fill what a request leaves out from the model's
+# generation_config; llama-cpp-python (llama_cpp/server/types.py) takes `top_k` (default 40), `repeat_penalty`
+# (default 1.1) and `min_p` (default 0.05); llama.cpp's server takes the same plus `repeat_last_n` (the
+# penalties' window, default 64; -1: the whole context). So they are always sent, with agentrt's values.
 
 @dataclass(frozen=True)
 class Dialect:
@@ -59,6 +64,10 @@ class Dialect:
     json_object_schema: bool = False  # json_schema replies travel as {"type": "json_object", "schema": ...}
     required: bool = True  # enforces tool_choice "required"
     named: bool = True  # enforces a named tool_choice
+    # sampling beyond OpenAI's fields (every dialect takes frequency/presence penalties, logprobs, top_logprobs):
+    top_k_off: int | None = -1  # the top_k that means "off" (None: no top_k field)
+    repetition: str | None = "repetition_penalty"  # the field of a repetition penalty (None: none)
+    llama_sampler: bool = False  # llama.cpp's samplers: min_p 0.05 by default (turned off), penalties over a window
 
 
 DIALECTS: dict[str, Dialect] = {d.name: d for d in (
@@ -66,9 +75,11 @@ DIALECTS: dict[str, Dialect] = {d.name: d for d in (
     Dialect("vllm", "structured_outputs"),
     Dialect("vllm-guided", "guided_grammar"),  # vLLM before 0.10.2 (its `guided_*` fields)
     Dialect("sglang", "ebnf"),
-    Dialect("llama-cpp-python", "gbnf", json_object_schema=True, required=False),
-    Dialect("llama.cpp", "gbnf", named=False),
-    Dialect("openai", None),  # a server we do not know: OpenAI's fields, nothing assumed enforced
+    Dialect("llama-cpp-python", "gbnf", json_object_schema=True, required=False, top_k_off=0,
+            repetition="repeat_penalty", llama_sampler=True),
+    Dialect("llama.cpp", "gbnf", named=False, top_k_off=0, repetition="repeat_penalty", llama_sampler=True),
+    # a server we do not know: OpenAI's fields, nothing assumed enforced
+    Dialect("openai", None, top_k_off=None, repetition=None),
 )}
 _OWNED_BY = {"vllm": "vllm", "sglang": "sglang", "llamacpp": "llama.cpp", "agentrt": "agentrt",
              "me": "llama-cpp-python"}
@@ -181,12 +192,52 @@ class RemoteBackend:
         if self._dialect is not None and self._dialect.name == "llama-cpp-python":
             messages = [_string_content(m) for m in messages]
         body = {"model": self.name, "messages": messages, "stream": True, "max_tokens": params.max_tokens,
-                "temperature": params.temperature, "top_p": params.top_p, **extra}
+                "temperature": params.temperature, "top_p": params.top_p,
+                **self._sampling_fields(self._dialect or DIALECTS["openai"], params), **extra}
         if params.seed is not None:
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = params.stop
         return body
+
+    def _sampling_fields(self, d: Dialect, params: SamplingParams) -> dict:
+        """Penalties, top_k and logprobs in the fields `d` takes them in: the ones a server would default
+        otherwise (llama.cpp's top_k 40, a model's generation_config in vLLM) always; one `d` has no field for,
+        asked for, is refused."""
+        fields: dict[str, Any] = {}
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(params, name):
+                fields[name] = getattr(params, name)
+        if d.top_k_off is not None:
+            fields["top_k"] = params.top_k or d.top_k_off
+        elif params.top_k:
+            self._refuse(d, "top_k", params.top_k, [o.name for o in DIALECTS.values() if o.top_k_off is not None])
+        if d.repetition is not None:
+            fields[d.repetition] = params.repetition_penalty
+        elif params.repetition_penalty != 1.0:
+            self._refuse(d, "repetition_penalty", params.repetition_penalty,
+                         [o.name for o in DIALECTS.values() if o.repetition is not None])
+        if d.llama_sampler:
+            fields["min_p"] = 0.0
+            if d.name == "llama.cpp":
+                fields["repeat_last_n"] = -1  # the penalties over the whole context (prompt too)
+            if d.name == "llama-cpp-python" and params.penalized:
+                note("llama-cpp-python applies its penalties over the last last_n_tokens_size tokens (a server "
+                     "setting, 64 by default); agentrt's repetition penalty counts every prompt and output token, "
+                     "its frequency and presence penalties the output's")
+            elif params.frequency_penalty or params.presence_penalty:
+                note(f"{d.name} applies frequency and presence penalties over prompt and output tokens; "
+                     "agentrt's count the output's only")
+        if params.logprobs or params.top_logprobs:
+            fields["logprobs"] = True
+            if params.top_logprobs:
+                fields["top_logprobs"] = params.top_logprobs
+        return fields
+
+    def _refuse(self, d: Dialect, name: str, value: Any, having: list[str]) -> None:
+        raise BackendCapabilityError(f"{self.base_url} ({d.name}) takes no {name} (asked: {value}); the dialects "
+                                     f"that have one: {', '.join(having)} (RemoteBackend(dialect=...))",
+                                     feature="sampling")
 
     @staticmethod
     def _grammar_fields(d: Dialect, grammar: str) -> dict:
@@ -247,10 +298,13 @@ class RemoteBackend:
         """One streamed chat request, as the events it makes and its result."""
         events: list[ChatEvent] = []
         content, calls, reason, usage = "", [], "stop", {}
+        logprobs: list[dict] | None = [] if body.get("logprobs") else None
         async for obj in self._chunks(body):
             usage = obj.get("usage") or usage
             for choice in obj.get("choices", []):
                 delta = choice.get("delta") or {}
+                if logprobs is not None:
+                    logprobs += _token_logprobs(choice.get("logprobs"))
                 if delta.get("content"):
                     content += delta["content"]
                     events.append(ChatEvent("content", delta["content"]))
@@ -265,8 +319,8 @@ class RemoteBackend:
                 reason = choice.get("finish_reason") or reason
         for i, call in enumerate(calls):  # a server reports a cut-short call only through finish_reason
             call.complete = not (reason == "length" and i == len(calls) - 1)
-        return events, ChatResult(content, calls, reason, usage.get("prompt_tokens", 0),
-                                  usage.get("completion_tokens", 0))
+        return events, RemoteChatResult(content, calls, reason, usage.get("prompt_tokens", 0),
+                                        usage.get("completion_tokens", 0), logprobs=logprobs)
 
     async def _tool_fields(self, d: Dialect, messages: list[dict], options: ChatOptions,
                            params: SamplingParams) -> dict:
@@ -302,8 +356,8 @@ class RemoteBackend:
         ask = [*messages, {"role": "user", "content": f"Which of these tools must be called now?\n{listing}\n"
                                                       "Answer with the tool's name only."}]
         grammar = "root ::= " + " | ".join(json.dumps(n) for n in names)
-        body = self._body(ask, replace(params, max_tokens=max(16, max(len(n) for n in names) + 4)),
-                          **self._grammar_fields(d, grammar))
+        body = self._body(ask, replace(params, max_tokens=max(16, max(len(n) for n in names) + 4), logprobs=False,
+                                       top_logprobs=0), **self._grammar_fields(d, grammar))
         _, result = await self._turn(body)
         pick = result.content.strip()
         if pick not in names:
@@ -356,6 +410,23 @@ class RemoteBackend:
                 f"{self.base_url} ({d.name}) answered text its grammar does not accept: the server did not "
                 f"enforce the grammar (sent as {d.grammar or 'guided_grammar/ebnf'}); text: "
                 f"{''.join(parts)[:200]!r}", feature="grammar")
+
+
+@dataclass
+class RemoteChatResult(ChatResult):
+    """A remote turn's ChatResult; `logprobs`, when the request asked for them: per token the server
+    streamed, {"token", "logprob", "top_logprobs": [{"token", "logprob"}]}."""
+
+    logprobs: list[dict] | None = None
+
+
+def _token_logprobs(logprobs: Any) -> list[dict]:
+    """The tokens of one chunk's `logprobs` (OpenAI's chat shape: {"content": [...]}), without bytes."""
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    return [{"token": e.get("token"), "logprob": e.get("logprob"),
+             "top_logprobs": [{"token": a.get("token"), "logprob": a.get("logprob")}
+                              for a in e.get("top_logprobs") or [] if isinstance(a, dict)]}
+            for e in content or [] if isinstance(e, dict)]
 
 
 def _string_content(message: dict) -> dict:

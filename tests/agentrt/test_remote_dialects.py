@@ -330,6 +330,125 @@ def test_the_agent_over_a_recorded_vllm_required_call_then_answer_with_notes_and
     assert server.bodies[2]["response_format"]["type"] == "json_schema"
 
 
+# --- sampling beyond OpenAI's fields -------------------------------------------------------------------
+SAMPLED = SamplingParams(max_tokens=8, temperature=0.7, top_k=5, frequency_penalty=0.5, presence_penalty=0.25,
+                         repetition_penalty=1.3, logprobs=True, top_logprobs=3)
+ASKED = {"frequency_penalty": 0.5, "presence_penalty": 0.25, "logprobs": True, "top_logprobs": 3}
+
+
+def sampled_body(kind: str, params: SamplingParams) -> tuple[dict, list[str]]:
+    server = FakeServer(kind).reply(text_reply("hi"))
+
+    async def go():
+        with collect_notes() as notes:
+            [ev async for ev in server.backend().chat(USER, ChatOptions(), params)]
+            return notes
+
+    notes = anyio.run(go)
+    return server.bodies[0], notes
+
+
+@pytest.mark.parametrize("kind,fields", [
+    ("vllm", {"top_k": 5, "repetition_penalty": 1.3}),
+    ("sglang", {"top_k": 5, "repetition_penalty": 1.3}),
+    ("llama.cpp", {"top_k": 5, "repeat_penalty": 1.3, "min_p": 0.0, "repeat_last_n": -1}),
+    ("llama-cpp-python", {"top_k": 5, "repeat_penalty": 1.3, "min_p": 0.0}),
+    ("openai", {})])
+def test_penalties_top_k_and_logprobs_travel_in_each_dialects_fields(kind, fields):
+    params = SAMPLED if kind != "openai" else SamplingParams(max_tokens=8, frequency_penalty=0.5,
+                                                             presence_penalty=0.25, logprobs=True, top_logprobs=3)
+    body, notes = sampled_body(kind, params)
+    extra = {k: v for k, v in body.items() if k in {*ASKED, "top_k", "repetition_penalty", "repeat_penalty", "min_p",
+                                                    "repeat_last_n"}}
+    assert extra == {**ASKED, **fields}
+    # llama.cpp's penalties count the prompt's tokens too: the run says so
+    assert any("penalties" in n for n in notes) == kind.startswith("llama")
+
+
+@pytest.mark.parametrize("kind,fields", [
+    ("vllm", {"top_k": -1, "repetition_penalty": 1.0}),  # else vLLM fills them from the model's generation_config
+    ("llama.cpp", {"top_k": 0, "repeat_penalty": 1.0, "min_p": 0.0, "repeat_last_n": -1}),  # its defaults: 40, 0.05
+    ("llama-cpp-python", {"top_k": 0, "repeat_penalty": 1.0, "min_p": 0.0}),  # its defaults: 40, 1.1, 0.05
+    ("openai", {})])
+def test_plain_sampling_overrides_a_servers_own_defaults_and_asks_no_logprobs(kind, fields):
+    body, notes = sampled_body(kind, PARAMS)
+    assert {k: body[k] for k in fields} == fields and not notes
+    assert not {*ASKED} & set(body) and ("top_k" in body) == (kind != "openai")
+
+
+@pytest.mark.parametrize("params,name", [(SamplingParams(top_k=5), "top_k"),
+                                         (SamplingParams(repetition_penalty=1.2), "repetition_penalty")])
+def test_an_unknown_server_is_refused_what_openai_has_no_field_for_before_any_request(params, name):
+    server = FakeServer("openai").reply(text_reply("hi"))
+
+    async def go():
+        [ev async for ev in server.backend().chat(USER, ChatOptions(), params)]
+
+    with pytest.raises(BackendCapabilityError, match=name):
+        anyio.run(go)
+    assert server.bodies == []
+
+
+def test_streamed_logprobs_come_back_on_the_result_per_token():
+    def token(t: str, lp: float, alts: list[tuple[str, float]]) -> dict:
+        return {"token": t, "logprob": lp, "bytes": list(t.encode()),
+                "top_logprobs": [{"token": a, "logprob": alp, "bytes": None} for a, alp in alts]}
+
+    reply = text_reply("Hi")
+    reply[1]["choices"][0]["logprobs"] = {"content": [token("Hi", -0.1, [("Hi", -0.1), ("Hello", -2.5)])]}
+    reply.insert(2, chunk({"content": " there"}))
+    reply[2]["choices"][0]["logprobs"] = {"content": [token(" there", -0.7, [(" there", -0.7), ("!", -1.0)])],
+                                          "refusal": None}
+    server = FakeServer("vllm").reply(reply).reply(text_reply("plain"))
+    backend = server.backend()
+
+    async def go(params):
+        return [ev async for ev in backend.chat(USER, ChatOptions(), params)][-1]
+
+    result = anyio.run(go, SamplingParams(max_tokens=8, logprobs=True, top_logprobs=2))
+    assert result.content == "Hi there"
+    assert result.logprobs == [
+        {"token": "Hi", "logprob": -0.1, "top_logprobs": [{"token": "Hi", "logprob": -0.1},
+                                                          {"token": "Hello", "logprob": -2.5}]},
+        {"token": " there", "logprob": -0.7, "top_logprobs": [{"token": " there", "logprob": -0.7},
+                                                              {"token": "!", "logprob": -1.0}]}]
+    assert anyio.run(go, PARAMS).logprobs is None  # not asked: none kept
+
+
+def test_a_real_agentrt_server_samples_as_the_local_engine_with_what_the_remote_sends(tiny_engine):
+    """Against `agentrt serve` (real uvicorn, dialect probed): each penalty and top_k gives the text the
+    local engine gives with it (and a penalty changes tiny-random's repeating greedy text), and the
+    server's logprobs come back per token with their alternatives."""
+    from agentrt.backends import LocalBackend
+    from agentrt.server import create_app
+    from agentrt.testing import LiveServer
+
+    msgs = [{"role": "user", "content": "Tell me a story."}]
+
+    async def turn(backend, **kwargs):
+        return [ev async for ev in backend.chat(msgs, ChatOptions(), SamplingParams(max_tokens=24, **kwargs))][-1]
+
+    async def go(remote, local):
+        assert (await remote.dialect()).name == "agentrt"
+        plain = (await turn(local)).content
+        for kwargs in ({"frequency_penalty": 1.5}, {"presence_penalty": 1.5}, {"repetition_penalty": 1.5},
+                       {"temperature": 1.0, "top_k": 1, "seed": 3}):
+            there, here = (await turn(remote, **kwargs)).content, (await turn(local, **kwargs)).content
+            assert there == here, kwargs
+            assert (there == plain) == ("top_k" in kwargs), kwargs  # top_k=1 is greedy whatever the temperature
+        result = await turn(remote, logprobs=True, top_logprobs=3)
+        assert len(result.logprobs) == result.completion_tokens == 24
+        assert "".join(e["token"] for e in result.logprobs) == result.content
+        for entry in result.logprobs:
+            alts = [a["logprob"] for a in entry["top_logprobs"]]
+            assert len(alts) == 3 and alts == sorted(alts, reverse=True)
+            assert entry["top_logprobs"][0]["token"] == entry["token"]  # greedy: the best one was taken
+        await remote.aclose()
+
+    with LiveServer(create_app(tiny_engine, model_names=["tiny-random"])) as live:
+        anyio.run(go, RemoteBackend(live.base_url, "tiny-random"), LocalBackend(tiny_engine))
+
+
 # --- the GBNF translation ------------------------------------------------------------------------------
 def test_ebnf_to_gbnf_renames_rules_and_rewrites_escapes_and_repetition():
     out = ebnf_to_gbnf('root ::= a_b{0, 3} "\\"x\\"\\n" (= "q")\na_b ::= [^"\\\\\\0-\\x1f] | "é" a_b*\n')

@@ -28,6 +28,7 @@ import agentrt
 from agentrt.remote import RemoteBackend
 from agentrt.chat import ChatOptions
 from agentrt.errors import EngineError
+from agentrt.notes import collect_notes
 from agentrt.engine.sampling import SamplingParams
 
 INSTALL = ('pip install "../shared/peers/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl[server]" '
@@ -165,6 +166,37 @@ def test_two_runs_then_close(chatml):
     assert isinstance(first.text, str) and isinstance(second.text, str)
     agent.close()
     agent.close()
+
+
+def test_logprobs_penalties_and_top_k_reach_the_server(chatml):
+    """Sent in llama-cpp-python's fields (top_k, repeat_penalty, min_p off): its logprobs come back per token
+    with 3 alternatives, a penalty changes the greedy text (and the run says how the server counts it),
+    and top_k=1 samples the greedy text at temperature 1."""
+    backend = RemoteBackend(chatml, "smollm2")
+    msgs = [{"role": "user", "content": "Tell me a story about a cat."}]
+
+    async def turn(max_tokens=12, **kwargs):
+        with collect_notes() as notes:
+            events = [ev async for ev in backend.chat(msgs, ChatOptions(), SamplingParams(max_tokens, **kwargs))]
+        return events[-1], notes
+
+    async def go():
+        try:  # few tokens with logprobs: the server sorts the whole vocabulary for each (seconds on 2 cores)
+            (plain, _), (logged, _) = await turn(), await turn(max_tokens=4, logprobs=True, top_logprobs=3)
+            (penalized, notes), (top1, _) = await turn(presence_penalty=2.0), await turn(temperature=1.0, top_k=1,
+                                                                                         seed=7)
+            return plain, logged, penalized, notes, top1
+        finally:
+            await backend.aclose()
+
+    plain, logged, penalized, notes, top1 = anyio.run(go)
+    assert plain.content.startswith(logged.content) and len(logged.logprobs) == 4  # (it streams no usage)
+    assert "".join(e["token"] for e in logged.logprobs) == logged.content
+    for entry in logged.logprobs:
+        alts = [a["logprob"] for a in entry["top_logprobs"]]
+        assert len(alts) == 3 and alts == sorted(alts, reverse=True) and entry["logprob"] == pytest.approx(alts[0])
+    assert penalized.content != plain.content and any("last_n_tokens_size" in n for n in notes)
+    assert top1.content == plain.content
 
 
 def test_an_empty_stream_from_the_function_calling_format_is_an_error():
