@@ -8,6 +8,8 @@ compiled grammar serialised; otherwise the caller recompiles the grammar, known 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import os
 import pickle
@@ -49,7 +51,7 @@ class _Worker:
     over its stdin and stdout: a fresh interpreter that never re-imports the caller's main module."""
 
     def __init__(self, info_json: str, threads: int, limits: GrammarLimits) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", _MAIN], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-c", _MAIN, *_package_paths()], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, start_new_session=True)
         # the tokenizer (MBs) goes through the pipe as the worker starts reading: not on the caller's time
         self._init = threading.Thread(target=self._send_init, args=(pickle.dumps((info_json, threads, limits)),),
@@ -237,4 +239,31 @@ def _main() -> None:
     _serve(sys.stdin.buffer, channel)
 
 
-_MAIN = "from agentrt.grammar._isolate import _main; _main()"
+# A worker imports only what a compile needs (a start of seconds, not the ~15 s of all of agentrt):
+# `agentrt`, `agentrt.engine` and `agentrt.grammar` stand as bare module objects, each with its folder as
+# `__path__` so that its modules import as usual, and their `__init__`s never run (agentrt's brings the
+# engine, the grammar package's the compiler and llguidance). xgrammar itself imports torch and
+# transformers: that much of the start is unavoidable.
+_BOOTSTRAP = """
+import sys, types
+for name, path in zip(sys.argv[1::2], sys.argv[2::2]):
+    package = sys.modules[name] = types.ModuleType(name)
+    package.__path__ = [path]
+    parent, _, child = name.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], child, package)
+"""
+_MAIN = _BOOTSTRAP + "from agentrt.grammar._isolate import _main\n_main()\n"
+_STUBBED = ("agentrt", "agentrt.engine", "agentrt.grammar")
+
+
+@functools.cache
+def _package_paths() -> list[str]:
+    """`_MAIN`'s arguments: each stubbed package's name and folder (found without importing it)."""
+    args: list[str] = []
+    for name in _STUBBED:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError(f"cannot locate the package {name} for the grammar worker")
+        args += [name, list(spec.submodule_search_locations)[0]]
+    return args

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import llguidance
 import llguidance.hf
-import llguidance.torch as llt
 import torch
 import xgrammar as xgr
 
@@ -167,7 +166,7 @@ def _probe(constraint: JsonSchema, m: llguidance.LLMatcher, vocab_size: int, sto
         forced = m.compute_ff_tokens()
         if forced and m.consume_tokens(forced):
             continue
-        llt.fill_next_token_bitmask(m, row, 0)
+        fill_bitmask(m, row, 0)
         if m.is_error():
             raise GrammarError(f"llguidance cannot serve {constraint!r}: {_first_line(m.get_error())}",
                                param="response_format")
@@ -178,6 +177,16 @@ def _probe(constraint: JsonSchema, m: llguidance.LLMatcher, vocab_size: int, sto
         tokens = [t for t in tokens if t not in stops]
         if not tokens or not m.consume_token(tokens[0]):
             return
+
+
+def fill_bitmask(m: llguidance.LLMatcher, bitmask: torch.Tensor, index: int) -> None:
+    """Fill row `index` of the int32 `bitmask` (on the CPU) with `m`'s next-token mask: what
+    `llguidance.torch.fill_next_token_bitmask` does, without that module's import (its
+    `torch.compile` decorator loads torch's compiler stack: seconds, in every grammar worker)."""
+    row = bitmask[index]
+    if bitmask.dtype != torch.int32 or not bitmask.is_cpu or not row.is_contiguous():
+        raise ValueError("the bitmask must be a contiguous int32 tensor on the CPU")
+    m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
 
 
 def _first_line(text: str) -> str:
@@ -197,7 +206,7 @@ class LLGuidanceMatcher:
         if self._terminated:
             bitmask[index].zero_()
             return
-        llt.fill_next_token_bitmask(self._m, bitmask, index)
+        fill_bitmask(self._m, bitmask, index)
 
     def accept_token(self, token_id: int) -> bool:
         token_id = int(token_id)

@@ -4,6 +4,8 @@ MAX_JUMP_FORWARD characters, and an isolated compile is stopped (its process kil
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import anyio
@@ -13,6 +15,7 @@ import pytest
 from agentrt.errors import GrammarError
 from agentrt.grammar import CompileCache, Ebnf, GrammarCompiler, JsonSchema, Regex, ToolCalls
 from agentrt.grammar._bounds import GrammarLimits
+from agentrt.grammar._isolate import _BOOTSTRAP, _package_paths
 from agentrt.grammar._matcher import MAX_JUMP_FORWARD
 
 pytestmark = pytest.mark.anyio
@@ -89,3 +92,16 @@ async def test_an_isolated_compile_is_stopped_at_its_deadline(compiler):
     assert compiled.matcher().accept_string("42")
     with pytest.raises(GrammarError, match="can never finish"):
         await iso.compile_async(JsonSchema(SELF_REQUIRED))
+
+
+def test_a_grammar_worker_imports_only_what_a_compile_needs():
+    # what unpickling any constraint imports in a worker: not the engine, the compiler or llguidance.torch
+    code = _BOOTSTRAP + ("import sys, agentrt.grammar._isolate, agentrt.grammar._constraints, agentrt.grammar._tools\n"
+                         "print(' '.join(sorted(sys.modules)))\n")
+    done = subprocess.run([sys.executable, "-c", code, *_package_paths()], capture_output=True, text=True,
+                          timeout=600, check=True)
+    modules = set(done.stdout.split())
+    assert {"xgrammar", "agentrt.grammar._tools", "agentrt.engine.constraint"} <= modules
+    for heavy in ("agentrt.engine.engine", "agentrt.engine.sampling", "agentrt.grammar._compiler",
+                  "llguidance.torch", "torch._dynamo"):
+        assert heavy not in modules
