@@ -59,7 +59,8 @@ def json_schema_ebnf(
     if max_string_length is not None:
         rules.string("basic_string", _STRING_CHARS, 0, max_string_length)
     for name, (item, lo, hi) in rules.length_limited_strings():  # xgrammar writes `c{lo, hi}`: slow masks
-        rules.string(name, [item], lo, _capped(lo, hi, max_string_length))
+        rules.string(name, _string_chars(item), lo, _capped(lo, hi, max_string_length))
+    rules.retype(_XGRAMMAR_LENGTH_CHAR, "(" + " | ".join(f"({c})" for c in _STRING_CHARS) + ")")  # 1 or 0-1 chars
     if max_number_digits is not None:
         n = max_number_digits
         rules.replace("basic_integer", f'(("0") | (basic_integer_1 [1-9] [0-9]{{0, {n - 1}}}))')
@@ -112,11 +113,28 @@ def _cap_repeat(suffix: str, cap: int, m: re.Match[str]) -> str:
     return f"_{suffix}{{{lo}, {_capped(lo, hi, cap)}}}"
 
 
-# A JSON string character: plain or escaped, inline (an escape rule of its own would leave the tokens
-# that run past its end unresolved in the mask cache).
+# A JSON string character, as one character of the decoded string: plain, an escape, a \u escape
+# outside the surrogates, or a surrogate pair's two escapes (a lone surrogate is refused). Inline: an
+# escape rule of its own would leave the tokens that run past its end unresolved in the mask cache.
+_HEX = "[A-Fa-f0-9]"
 _STRING_CHARS = [
-    '[^\\0-\\x1f\\"\\\\]', '"\\\\" ["\\\\/bfnrt]', '"\\\\u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9]'
+    '[^\\0-\\x1f\\"\\\\]', '"\\\\" ["\\\\/bfnrt]',
+    f'"\\\\u" [0-9A-Ca-cE-Fe-f] {_HEX} {_HEX} {_HEX}', f'"\\\\u" [Dd] [0-7] {_HEX} {_HEX}',
+    f'"\\\\u" [Dd] [89ABab] {_HEX} {_HEX} "\\\\u" [Dd] [C-Fc-f] {_HEX} {_HEX}',
 ]
+# xgrammar's character of a string with minLength/maxLength (0.2.9; a repetition of a rule holding it,
+# or the class itself for at most one character): any character but a quote, a backslash, CR and LF.
+# It admits the other control characters raw (not JSON) and no escapes at all.
+_XGRAMMAR_LENGTH_CHAR = r'[^\"\\\r\n]'
+
+
+def _string_chars(item: str) -> list[str]:
+    """The alternatives for one character of a length-bounded string whose character xgrammar wrote
+    as the class `item`: JSON's string character (an escape counts as one, as `len` of the decoded
+    string does) where `item` is xgrammar's generic one, else `item` as it is."""
+    return _STRING_CHARS if item == _XGRAMMAR_LENGTH_CHAR else [item]
+
+
 # A length bound above this stays a bounded repetition: a chain compiles in ~10 ms a character
 # for a 49k vocabulary, so longer chains trade seconds of compile for the faster masks.
 MAX_CHAIN = 256
@@ -190,6 +208,12 @@ class _Rules:
             if m and item and re.fullmatch(r"\(\((\[[^\]]*\])\)\)", item):
                 found.append((m.group(1), (item[2:-2], int(m.group(3)), int(m.group(4)))))
         return found
+
+    def retype(self, cls: str, group: str) -> None:
+        """Write `group` wherever the character class `cls` stands in a rule (not inside literals)."""
+        for i, line in enumerate(self.lines):
+            name, body = line.split(" ::= ", 1)
+            self.lines[i] = f"{name} ::= " + _EBNF_TOKEN.sub(lambda m: group if m.group(0) == cls else m.group(0), body)
 
     def body(self, name: str) -> str | None:
         i = self.index.get(name)
