@@ -4,6 +4,8 @@ Decode ms/token at batch 1 and 8 (greedy, fixed length), prefill tokens/s, peak 
 CUDA. Prints a table with ratios; `--json OUT` writes
 {"model", "device", "rows": [{"path", "batch", "ms_per_token", "prefill_tok_s", "tok_s"}]}.
 Run: `agentrt bench engine [--model smollm2-135m] [--tokens 64] [--json OUT]` from the repo root.
+`--overlap both` times our engine with the overlap scheduler off and on, interleaved run by run, as
+two rows ("agentrt, overlap off" / "agentrt, overlap on").
 `--peer llama.cpp` adds llama.cpp (llama-cpp-python, a benchmark peer only) on the same GGUF, prompt
 ids, token count and threads, interleaved with ours, with ratios; `--quant` picks our weights' form.
 """
@@ -237,7 +239,7 @@ def peer_rows(engine, model_name: str, tokens: int, batches: list[int], repeats:
 
 def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: str | None,
         dtype: str | None = None, quant: str | None = None, peer: str | None = None,
-        transformers: bool = True) -> dict:
+        transformers: bool = True, overlap: str = "auto") -> dict:
     from transformers import AutoModelForCausalLM
 
     from agentrt.engine import Engine
@@ -255,19 +257,29 @@ def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: 
     tok = engine.tokenizer
     rows = []
     long_prompt = _prompts(engine, 1)[0] * 4
-    for batch in batches if transformers else []:
-        if batch == batches[0]:
+    modes = {"auto": {"agentrt": engine.overlap}, "on": {"agentrt": True}, "off": {"agentrt": False},
+             "both": {"agentrt, overlap off": False, "agentrt, overlap on": True}}[overlap]
+    ours_pf = ours_prefill(engine, long_prompt, repeats)
+    for batch in batches:
+        if transformers and batch == batches[0]:
             hf = AutoModelForCausalLM.from_pretrained(resolve_model(model_name), dtype=engine.model.embed.weight.dtype)
             hf = hf.to(dev).eval()
-            ours_pf, hf_pf = ours_prefill(engine, long_prompt, repeats), hf_prefill(hf, long_prompt, repeats)
+            hf_pf = hf_prefill(hf, long_prompt, repeats)
         prompts = _prompts(engine, batch)
         ours_decode(engine, prompts, 8)  # warm-up
-        ours_ms = statistics.median(ours_decode(engine, prompts, tokens) for _ in range(repeats))
-        hf_ms = statistics.median(hf_decode(hf, tok, prompts, tokens) for _ in range(repeats))
-        rows.append({"path": "agentrt", "batch": batch, "ms_per_token": round(ours_ms, 2),
-                     "prefill_tok_s": round(ours_pf, 1), "tok_s": round(batch * 1000 / ours_ms, 1)})
-        rows.append({"path": "transformers", "batch": batch, "ms_per_token": round(hf_ms, 2),
-                     "prefill_tok_s": round(hf_pf, 1), "tok_s": round(batch * 1000 / hf_ms, 1)})
+        ours: dict[str, list[float]] = {path: [] for path in modes}
+        for _ in range(repeats):  # the overlap modes interleaved, run by run (the machine may be shared)
+            for path, on in modes.items():
+                engine.overlap = on
+                ours[path].append(ours_decode(engine, prompts, tokens))
+        for path, times in ours.items():
+            ms = statistics.median(times)
+            rows.append({"path": path, "batch": batch, "ms_per_token": round(ms, 2),
+                         "prefill_tok_s": round(ours_pf, 1), "tok_s": round(batch * 1000 / ms, 1)})
+        if transformers:
+            hf_ms = statistics.median(hf_decode(hf, tok, prompts, tokens) for _ in range(repeats))
+            rows.append({"path": "transformers", "batch": batch, "ms_per_token": round(hf_ms, 2),
+                         "prefill_tok_s": round(hf_pf, 1), "tok_s": round(batch * 1000 / hf_ms, 1)})
     steps = []
     if dev.type == "cuda":
         for batch in batches:
@@ -291,9 +303,9 @@ def print_table(result: dict) -> None:
         t.add_column(col, justify="right")
     by = {(r["path"], r["batch"]): r for r in result["rows"]}
     for (path, batch), r in by.items():
-        ref = by[("transformers", batch)]
+        ref = by.get(("transformers", batch))
         t.add_row(str(batch), path, f"{r['ms_per_token']:.1f}", f"{r['tok_s']:.1f}", f"{r['prefill_tok_s']:.0f}",
-                  f"{ref['ms_per_token'] / r['ms_per_token']:.2f}x")
+                  f"{ref['ms_per_token'] / r['ms_per_token']:.2f}x" if ref else "-")
     one = by.get(("agentrt", 1))
     Console().print(t)
     if result.get("steps"):
@@ -356,9 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer", choices=["llama.cpp"], default=None,
                     help="add another engine's rows on the same GGUF (skipped, saying why, when it is not installed)")
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers rows")
+    ap.add_argument("--overlap", choices=["auto", "on", "off", "both"], default="auto",
+                    help="the overlap scheduler for our rows (both: off and on, interleaved; auto: the engine's default)")
     args = ap.parse_args(argv)
     result = run(args.model, args.tokens, args.batch, args.repeats, args.device, args.dtype, args.quant, args.peer,
-                 transformers=not args.no_transformers)
+                 transformers=not args.no_transformers, overlap=args.overlap)
     return report(result, lambda r: (print_table(r), print_peer_table(r)), args.json)
 
 

@@ -6,6 +6,8 @@ transformers `generate` with xgrammar's HF logits processor. Decode ms/token at 
 mask-fill time per token (p50/p99). `--json OUT` writes
 {"rows": [{"path", "batch", "ms_per_token"}], "mask_us": {"p50", "p99"}}.
 Run: `agentrt bench grammar [--model smollm2-135m] [--tokens 64] [--json OUT]` from the repo root.
+`--overlap both` runs each of our paths with the overlap scheduler off and on, interleaved run by run
+(rows ", scheduler off" / ", scheduler on"; each row's "overlap_scheduler" says which).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def _hf_ms(model, tok, prompt, tokens, processor) -> float:
 
 
 def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: str | None = None,
-        dtype: str | None = None) -> dict:
+        dtype: str | None = None, overlap: str = "auto") -> dict:
     import xgrammar
     from transformers import AutoModelForCausalLM
     from xgrammar.contrib.hf import LogitsProcessor
@@ -82,6 +84,8 @@ def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: 
 
     engine = Engine.load(model_name, device=device, dtype=dtype)
     default_overlap = engine.masks.overlap
+    schedulers = {"auto": [("", engine.overlap)], "on": [("", True)], "off": [("", False)],
+                  "both": [(", scheduler off", False), (", scheduler on", True)]}[overlap]
     dev, dtype = engine.device, engine.model.embed.weight.dtype
     compiler = GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size)
     compiled = compiler.compile(JsonSchema(SCHEMA))
@@ -93,14 +97,19 @@ def run(model_name: str, tokens: int, batches: list[int], repeats: int, device: 
         bound = SamplingParams(max_tokens=tokens)
         for factory in (None, lambda: Matcher(compiled, stop_token_ids=stop)):  # warm-up (JIT, graphs)
             _engine_ms(engine, prompts, SamplingParams(max_tokens=8), factory)
-        for path, params, factory, overlap in (
-            ("agentrt unconstrained", free, None, True),
-            ("agentrt constrained, overlap", bound, lambda: Matcher(compiled, stop_token_ids=stop), True),
-            ("agentrt constrained, no overlap", bound, lambda: Matcher(compiled, stop_token_ids=stop), False),
-        ):
-            engine.masks.overlap = overlap
-            ms = statistics.median(_engine_ms(engine, prompts, params, factory)[0] for _ in range(repeats))
-            rows.append({"path": path, "batch": batch, "ms_per_token": round(ms, 2)})
+        paths = [(path + suffix, params, factory, mask_overlap, scheduler) for suffix, scheduler in schedulers
+                 for path, params, factory, mask_overlap in (
+                     ("agentrt unconstrained", free, None, True),
+                     ("agentrt constrained, overlap", bound, lambda: Matcher(compiled, stop_token_ids=stop), True),
+                     ("agentrt constrained, no overlap", bound, lambda: Matcher(compiled, stop_token_ids=stop), False))]
+        times: dict[str, list[float]] = {p[0]: [] for p in paths}
+        for _ in range(repeats):  # interleaved, run by run: the machine may be shared
+            for path, params, factory, mask_overlap, scheduler in paths:
+                engine.masks.overlap, engine.overlap = mask_overlap, scheduler
+                times[path].append(_engine_ms(engine, prompts, params, factory)[0])
+        for path, _, _, _, scheduler in paths:
+            rows.append({"path": path, "batch": batch, "ms_per_token": round(statistics.median(times[path]), 2),
+                         "overlap_scheduler": scheduler})
     engine.masks.overlap = default_overlap
     mask = sorted(engine.masks.seconds)
     hf = AutoModelForCausalLM.from_pretrained(resolve_model(model_name), dtype=dtype).to(dev).eval()
@@ -127,9 +136,10 @@ def print_table(result: dict) -> None:
     t = Table(title=f"grammar: {result['model']} ({where(result)})")
     for col in ("batch", "path", "ms/token", "vs unconstrained"):
         t.add_column(col, justify="right")
-    base = {r["batch"]: r["ms_per_token"] for r in result["rows"] if r["path"] == "agentrt unconstrained"}
+    base = {(r["batch"], r.get("overlap_scheduler")): r["ms_per_token"] for r in result["rows"]
+            if r["path"].startswith("agentrt unconstrained")}
     for r in result["rows"]:
-        ref = base.get(r["batch"])
+        ref = base.get((r["batch"], r.get("overlap_scheduler")))
         t.add_row(str(r["batch"]), r["path"], f"{r['ms_per_token']:.1f}",
                   f"{r['ms_per_token'] / ref:.3f}x" if ref else "")
     Console().print(t)
@@ -140,8 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = model_parser("grammar", __doc__, repeats=3)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--overlap", choices=["auto", "on", "off", "both"], default="auto",
+                    help="the overlap scheduler for our rows (both: off and on, interleaved; auto: the engine's default)")
     args = ap.parse_args(argv)
-    result = run(args.model, args.tokens, args.batch, args.repeats, args.device, args.dtype)
+    result = run(args.model, args.tokens, args.batch, args.repeats, args.device, args.dtype, args.overlap)
     return report(result, print_table, args.json)
 
 

@@ -1,12 +1,13 @@
-"""A decoder's shape, read from its Hugging Face config (the families our forward runs)."""
+"""A decoder's shape, read from its Hugging Face config (the families our forward runs); the engine's switches."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from agentrt.errors import UnsupportedModelError
 
-__all__ = ["ModelConfig", "SUPPORTED"]
+__all__ = ["ModelConfig", "SUPPORTED", "switch"]
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -55,3 +56,8 @@ class ModelConfig:
             qk_norm=hf.model_type == "qwen3",
             hf_config=hf,
         )
+
+
+def switch(value: bool | None, env: str, default: bool) -> bool:
+    """An engine switch: the argument, else the environment variable (0 or empty: off), else the default."""
+    return bool(value) if value is not None else os.environ.get(env, "1" if default else "0") not in ("", "0")

@@ -4,11 +4,16 @@ step, not per token (with many streams, per-token wake-ups steal the cores the f
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agentrt.engine.sequence import Output, Sequence
 
-__all__ = ["LoopQueue", "Outbox", "drop"]
+__all__ = ["LoopQueue", "Outbox", "drop", "in_future"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,11 +37,17 @@ class Outbox:
     def __init__(self) -> None:
         self._items: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, asyncio.Queue, Output]]] = {}
 
-    def put(self, seq: Sequence, out: Output) -> bool:
-        """Hold `out` for the next flush if `seq`'s consumer is async; False if it is not."""
-        if not isinstance(seq.emit, LoopQueue):
+    def send(self, seq: Sequence, out: Output) -> bool:
+        """Hold `out` for the next flush if `seq`'s consumer is async, else hand it over now; False if the
+        consumer is gone (its call failed)."""
+        if isinstance(seq.emit, LoopQueue):
+            self._items.setdefault(seq.emit.loop, []).append((seq, seq.emit.queue, out))
+            return True
+        try:
+            seq.emit(out)
+        except Exception:
+            log.warning("request %d: its consumer failed", seq.id, exc_info=True)
             return False
-        self._items.setdefault(seq.emit.loop, []).append((seq, seq.emit.queue, out))
         return True
 
     def flush(self) -> list[Sequence]:
@@ -49,6 +60,22 @@ class Outbox:
             except RuntimeError:  # that event loop is closed: its consumers are gone
                 gone += [seq for seq, _, _ in items]
         return gone
+
+
+def in_future(fn: Callable[[], object]) -> tuple[concurrent.futures.Future, Callable[[], None]]:
+    """A future of fn's result and the command that runs fn into it (on another thread; a no-op when the
+    caller gave up before it ran)."""
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn())
+        except BaseException as exc:  # handed to the caller through the future
+            fut.set_exception(exc)
+
+    return fut, run
 
 
 def _deliver(items: list) -> None:

@@ -3,7 +3,8 @@
 A step reads as the engine room is laid out: the scheduler picks the work (continuous batching,
 chunked prefill, preemption), the mask filler starts the grammar masks on a CPU thread, the runner
 runs the forward, the masks are applied and the rows sampled, and the output processor turns the
-tokens into Outputs, which the engine delivers (one wake-up per event loop per step).
+tokens into Outputs, which the engine delivers (one wake-up per event loop per step). With `overlap`
+(the overlap scheduler) the output processing of a step's tokens runs while the next forward does.
 """
 
 from __future__ import annotations
@@ -12,23 +13,23 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
-import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import torch
 
+from agentrt.engine.config import switch
 from agentrt.engine.constraint import TokenConstraint
 from agentrt.engine.control import SequenceController, SequenceHandle
-from agentrt.engine.delivery import LoopQueue, Outbox, drop
+from agentrt.engine.delivery import LoopQueue, Outbox, drop, in_future
 from agentrt.engine.exact import DETERMINISTIC_TILES, PREFILL_TILES, Tiles
 from agentrt.engine.kv import KVPool, OutOfPagesError
 from agentrt.engine.loader import load_model
 from agentrt.engine.model import Transformer
 from agentrt.engine.output import OutputProcessor, Processed
 from agentrt.engine.runner import ModelRunner
-from agentrt.engine.sampling import MaskFiller, SamplingParams, sample_sequences
+from agentrt.engine.sampling import MaskFiller, SamplingParams, constrained_rows, sample_sequences
 from agentrt.engine.scheduler import Scheduler
 from agentrt.engine.sequence import Completion, Output, Sequence
 from agentrt.engine.tokens import prompt_ids, template_ids
@@ -43,7 +44,8 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer, *, eos_token_ids: list[int] | None = None,
                  kv_tokens: int = 32768, page_size: int = 16, max_batch_tokens: int = 512,
                  max_batch_size: int = 32, name: str = "", mask_overlap: bool | None = None,
-                 cuda_graphs: bool | None = None, deterministic: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, deterministic: bool | None = None,
+                 overlap: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -56,17 +58,16 @@ class Engine:
         self.max_context = min(cfg.max_position, num_pages * page_size)
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_size = max_batch_size
-        eos = set(eos_token_ids or [])
-        if tokenizer.eos_token_id is not None:
-            eos.add(tokenizer.eos_token_id)
-        self.eos_token_ids = eos
+        self.eos_token_ids = set(eos_token_ids or []) | ({tokenizer.eos_token_id} - {None})
         # Prefills always run the batch-invariant kernels (agentrt.engine.exact), so a prefix read from the cache
         # equals a fresh prefill. Deterministic mode runs every row through them, decode steps included:
         # a request's tokens then never depend on what shares its batch (costlier decode; RESULTS.md).
-        if deterministic is None:
-            deterministic = os.environ.get("AGENTRT_DETERMINISTIC", "") not in ("", "0")
-        self.deterministic = bool(deterministic)
+        self.deterministic = switch(deterministic, "AGENTRT_DETERMINISTIC", False)
         self.tiles: Tiles = DETERMINISTIC_TILES if self.deterministic else PREFILL_TILES
+        # The overlap scheduler (SGLang's zero-overhead scheduler): a step's forward is launched before the last
+        # step's tokens are taken (grammar, detokenising, stop checks, delivery), which happens while it runs.
+        # Same tokens either way (tests/agentrt/test_overlap.py); on by default on CUDA (RESULTS.md: CPU).
+        self.overlap = switch(overlap, "AGENTRT_OVERLAP", self.device.type == "cuda")
         self.scheduler = Scheduler(self.pool, max_batch_size, max_batch_tokens, self.deterministic)
         self.runner = ModelRunner(model, self.pool, self.tiles, max_batch_tokens=max_batch_tokens,
                                   max_batch_size=max_batch_size, max_context=self.max_context,
@@ -79,6 +80,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._sampled: list[tuple] = []  # overlap: the last step's (seq, token, logprob, top), not yet taken
         self.steps = 0
         # a CUDA forward returns before it is computed: outputs are delivered while it runs
         self._async_forward = self.device.type == "cuda"
@@ -130,16 +132,7 @@ class Engine:
 
     def call(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
         """Run fn(engine) on the engine thread between two steps (for KV surgery: prune, fork)."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-
-        def run() -> None:
-            if not fut.set_running_or_notify_cancel():  # the caller gave up before we got to it
-                return
-            try:
-                fut.set_result(fn(self))
-            except BaseException as exc:  # handed to the caller through the future
-                fut.set_exception(exc)
-
+        fut, run = in_future(lambda: fn(self))
         self._send(run)
         return fut
 
@@ -150,25 +143,20 @@ class Engine:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Output] = asyncio.Queue()
         rid = self.submit(prompt, params, constraint, emit=LoopQueue(loop, events), control=control)
-        finished = False
+        out = None
         try:
-            while True:
+            while out is None or out.finish_reason is None:
                 out = await events.get()
                 if out.error is not None:
-                    finished = True
                     raise out.error
-                finished = out.finish_reason is not None
                 yield out
-                if finished:
-                    return
         finally:
-            if not finished:
+            if out is None or out.finish_reason is None:  # left early: the request goes too
                 self.cancel(rid)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                        constraint: TokenConstraint | None = None) -> Completion:
-        parts: list[Output] = [o async for o in self.stream(prompt, params, constraint)]
-        return Completion.of(parts)
+        return Completion.of([o async for o in self.stream(prompt, params, constraint)])
 
     def stream_sync(self, prompt: str | list[int], params: SamplingParams | None = None,
                     constraint: TokenConstraint | None = None) -> Iterator[Output]:
@@ -199,6 +187,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
         self.masks.close()
+        self.runner.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -228,13 +217,8 @@ class Engine:
     def _loop(self) -> None:
         sched = self.scheduler
         while True:
-            cmd = self._next_command()
-            while cmd is not None:
+            for cmd in self._queued_commands():
                 cmd()
-                try:
-                    cmd = self._commands.get_nowait()
-                except queue.Empty:
-                    cmd = None
             if not self._async_forward:
                 self._flush()
             if self._closed:
@@ -252,18 +236,25 @@ class Engine:
             if not (self._async_forward and sched.can_step()):  # else the next step delivers, see step()
                 self._flush()
 
-    def _next_command(self) -> Callable[[], None] | None:
-        """The next command, without waiting while a sequence can step; blocks while every sequence is
-        paused (a tool runs), polling briefly when requests wait that may fit once one ends."""
+    def _queued_commands(self) -> Iterator[Callable[[], None]]:
+        """The commands queued now, without waiting while a sequence can step; blocks while every sequence
+        is paused (a tool runs), polling briefly when requests wait that may fit once one ends."""
         try:
             if self._closed or self.scheduler.can_step():
-                return self._commands.get_nowait()
-            return self._commands.get(timeout=0.01 if self.scheduler.waiting else None)
+                yield self._commands.get_nowait()
+            else:
+                yield self._commands.get(timeout=0.01 if self.scheduler.waiting else None)
+            while True:
+                yield self._commands.get_nowait()
         except queue.Empty:
-            return None
+            return
 
     def step(self) -> None:
-        """One engine step: schedule, start the masks, run the forward, apply the masks, sample, output."""
+        """One engine step: schedule, launch the forward (overlap: take the last step's tokens while it runs),
+        fill and apply the masks, sample, take the tokens (overlap: in the next step)."""
+        now, ahead = self.scheduler.queue_ahead(self._sampled, self.max_context)
+        self._sampled = []
+        self._take(now)
         for seq, error in self.scheduler.admit():
             self._finish(seq, "cancelled", error=error)
         try:
@@ -272,21 +263,37 @@ class Engine:
             for seq in list(self.scheduler.running):
                 self._finish(seq, "cancelled", error=KVCacheError(str(exc)))
             return
-        if not work:
+        rows = [w for w in work if w.samples]
+        keep = range(len(rows))
+        if not ahead:  # the masks fill while the forward runs
+            self.masks.start(constrained_rows([w.seq for w in rows]), len(rows))
+        logits = self.runner.launch(work, self.overlap) if work else None  # [M, V] once computed
+        if ahead:  # the forward runs: take the queued tokens, then fill the masks that follow them
+            self._take(ahead, queued=True)
+            # rows whose sequence ended, or whose next token follows forced ones (next step), sample nothing
+            keep = [i for i, w in enumerate(rows) if not w.seq.done and len(w.seq.pending) == w.n]
+            self.masks.start(constrained_rows([rows[i].seq for i in keep]), len(keep))
+        if self._async_forward or ahead:  # the device is computing: outputs go out meanwhile
             self._flush()
+        if logits is None:
             return
-        sampling = [w.seq for w in work if w.samples]
-        self.masks.start([(i, s.constraint) for i, s in enumerate(sampling) if s.constraint is not None],
-                         len(sampling))
-        logits = self.runner.run(work)  # [M, V]
-        if self._async_forward:  # the device is computing: the last step's outputs go out meanwhile
-            self._flush()
+        logits = logits() if len(keep) == len(rows) else logits()[keep]
         self.masks.apply(logits)
+        sampling = [rows[i].seq for i in keep]
         out = sample_sequences(logits, sampling)
         self.steps += 1
         self.scheduler.postprocess(work)
-        for seq, token, logprob, top in zip(sampling, out.tokens, out.logprobs, out.top_logprobs):
-            self._process(self.output.sampled, seq, token, logprob, top)
+        sampled = list(zip(sampling, out.tokens, out.logprobs, out.top_logprobs))
+        if self.overlap:
+            self._sampled = sampled
+        else:
+            self._take(sampled)
+
+    def _take(self, sampled: list[tuple], queued: bool = False) -> None:
+        """Output processing of sampled (seq, token, logprob, top) rows."""
+        for seq, token, logprob, top in sampled:
+            if not seq.done:
+                self._process(self.output.sampled, seq, token, logprob, top, queued)
 
     def _process(self, take: Callable[..., Processed], seq: Sequence, *args) -> None:
         """Run one output-processing call `take(seq, *args)`, deliver its Outputs, end `seq` if it ended."""
@@ -308,19 +315,15 @@ class Engine:
 
     def _resume(self, seq: Sequence, inject: list[int]) -> None:
         """Unpause `seq`, first writing `inject` into it (accepted by its constraint, fed by prefill)."""
-        if seq.done:
-            return
-        seq.paused = False
-        self._process(self.output.injected, seq, inject)
+        if not seq.done:
+            seq.paused = False
+            self._process(self.output.injected, seq, inject)
 
     # --- delivery (engine thread) ------------------------------------------------------------------
     def _flush(self) -> None:
         """Deliver the step's Outputs for async consumers (see agentrt.engine.delivery)."""
         for seq in self._outbox.flush():
-            if not seq.done:
-                log.warning("request %d: its consumer is gone; cancelling it", seq.id)
-                seq.emit = drop
-                self._finish(seq, "cancelled")
+            self._lose(seq)
 
     def _cancel(self, request_id: int) -> None:
         for seq in self.scheduler.sequences:
@@ -329,15 +332,14 @@ class Engine:
 
     def _emit(self, seq: Sequence, out: Output) -> None:
         """Hand an Output to the caller; a caller that is gone (closed event loop) loses its request."""
-        if (seq.done and out.finish_reason is None) or self._outbox.put(seq, out):
-            return  # ended while its Outputs were being made, or held for this step's flush
-        try:
-            seq.emit(out)
-        except Exception:
+        if not (seq.done and out.finish_reason is None) and not self._outbox.send(seq, out):
+            self._lose(seq)  # (an Output made after its sequence ended is dropped)
+
+    def _lose(self, seq: Sequence) -> None:
+        if not seq.done:
             log.warning("request %d: its consumer is gone; cancelling it", seq.id)
-            if not seq.done and out.finish_reason is None:
-                seq.emit = drop
-                self._finish(seq, "cancelled")
+            seq.emit = drop
+            self._finish(seq, "cancelled")
 
     def _finish(self, seq: Sequence, reason: str, error: BaseException | None = None) -> None:
         if seq.done:

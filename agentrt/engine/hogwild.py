@@ -32,7 +32,7 @@ from agentrt.engine.constraint import TokenConstraint
 from agentrt.engine.delivery import drop
 from agentrt.engine.kv import KVSequence
 from agentrt.engine.runner import ViewRow, view_keys
-from agentrt.engine.sampling import Sampled, SamplingParams, sample_sequences
+from agentrt.engine.sampling import Sampled, SamplingParams, constrained_rows, sample_sequences
 from agentrt.engine.sequence import Sequence
 from agentrt.errors import EngineClosedError, EngineError, InvalidRequestError
 
@@ -353,7 +353,7 @@ class HogwildPool:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> Sampled:
         """The engine's one mask path and its sampler over the rows of `logits` (row i: seqs[i])."""
-        self.engine.masks.mask(logits, [(i, s.constraint) for i, s in enumerate(seqs) if s.constraint is not None])
+        self.engine.masks.mask(logits, constrained_rows(seqs))
         return sample_sequences(logits, seqs)
 
     def _accept(self, workers: list[_Worker], logits: torch.Tensor) -> None:

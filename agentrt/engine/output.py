@@ -35,15 +35,16 @@ class OutputProcessor:
         self._handle = handle  # the handle a controller acts through
 
     def sampled(self, seq: Sequence, token: int, logprob: float | None = None,
-                top: dict[int, float] | None = None) -> Processed:
-        """Take a sampled token: grammar, stop conditions, jump-forward."""
+                top: dict[int, float] | None = None, queued: bool = False) -> Processed:
+        """Take a sampled token: grammar, stop conditions, jump-forward. `queued`: the token is on the
+        sequence's pending already (the overlap scheduler feeds it before taking it)."""
         c = seq.constraint
         if c is not None and not c.accept_token(token):
             raise EngineError(f"grammar rejected sampled token {token}")
         seq.output_ids.append(token)
         if token in seq.stop_ids and (c is None or c.is_terminated()):
             return Processed(finish="stop")
-        return self._take(seq, [token], logprob, top)
+        return self._take(seq, [token], logprob, top, queued)
 
     def injected(self, seq: Sequence, tokens: list[int]) -> Processed:
         """Take tokens a controller writes into the sequence (accepted by its constraint, fed by prefill)."""
@@ -65,7 +66,7 @@ class OutputProcessor:
                       cached_tokens=seq.cached_tokens or 0)
 
     def _take(self, seq: Sequence, new: list[int], logprob: float | None = None,
-              top: dict[int, float] | None = None) -> Processed:
+              top: dict[int, float] | None = None, queued: bool = False) -> Processed:
         """Tokens accepted and appended to the output: jump-forward, stop conditions, stream out, control."""
         c = seq.constraint
         if c is not None and not c.is_terminated():
@@ -73,7 +74,7 @@ class OutputProcessor:
         text = seq.stopper.push(seq.detok.push(new))
         ended = seq.stopper.stopped or (c is not None and c.is_terminated())
         if not ended:
-            seq.pending.extend(new)
+            seq.pending.extend(new[1:] if queued else new)
         pad = [None] * (len(new) - 1)
         out = Output(text, new, logprobs=[logprob] + pad if seq.params.logprobs else None,
                      top_logprobs=[top] + pad if seq.params.top_logprobs else None)

@@ -8,6 +8,8 @@ Either replays a captured CUDA graph of the fused step where one fits, else runs
 
 from __future__ import annotations
 
+import concurrent.futures
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,15 +58,34 @@ class ModelRunner:
         self.graphs = DecodeGraphs(model, pool, max_batch_tokens, max_batch_size, max_context) if cuda_graphs \
             else None
         self._view_graphs: DecodeGraphs | None = None
+        self._background: concurrent.futures.ThreadPoolExecutor | None = None  # see launch
 
     def run(self, work: list[Work]) -> torch.Tensor:
         """Logits for the step's sampling rows ([M, V]), from a replayed CUDA graph where there is one."""
+        return self.launch(work)()
+
+    def launch(self, work: list[Work], background: bool = False) -> Callable[[], torch.Tensor]:
+        """Start the step's forward; returns the call that waits for its logits ([M, V]). What it reads of
+        the sequences (tokens, page tables) is read now, so they may change while it runs. A CUDA forward
+        returns before it is computed; off CUDA, `background` runs it on a thread of its own (the overlap
+        scheduler: the engine thread takes the last step's tokens meanwhile)."""
         graphs = self.graphs
         if graphs is not None and not any(w.exact for w in work) and graphs.fits(
                 sum(w.n for w in work), sum(w.samples for w in work), max(w.seq.kv.length for w in work)):
-            return graphs.run([(w.seq.kv, w.seq.pending[:w.n]) for w in work],
-                              [i for i, w in enumerate(work) if w.samples])
-        return self.model(self.build_batch(work), self.pool.k, self.pool.v)
+            logits = graphs.run([(w.seq.kv, w.seq.pending[:w.n]) for w in work],
+                                [i for i, w in enumerate(work) if w.samples])
+            return lambda: logits
+        batch = self.build_batch(work)
+        if background and self.device.type != "cuda":
+            if self._background is None:
+                self._background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agentrt-forward")
+            return self._background.submit(self.model, batch, self.pool.k, self.pool.v).result
+        logits = self.model(batch, self.pool.k, self.pool.v)
+        return lambda: logits
+
+    def close(self) -> None:
+        if self._background is not None:
+            self._background.shutdown(wait=True)
 
     def build_batch(self, work: list[Work]) -> BatchInput:
         """The step's rows in `work` order (fast rows, then batch-invariant ones): one attention group

@@ -18,7 +18,8 @@ import torch
 from agentrt.engine.constraint import TokenConstraint, allocate_bitmask
 from agentrt.errors import SamplingParamError
 
-__all__ = ["SamplingParams", "MaskFiller", "Sampled", "sample_step", "sample_sequences", "apply_penalties"]
+__all__ = ["SamplingParams", "MaskFiller", "Sampled", "sample_step", "sample_sequences", "constrained_rows",
+           "apply_penalties"]
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
@@ -156,6 +157,11 @@ def sample_sequences(logits: torch.Tensor, seqs: list) -> Sampled:
     with its own parameters, seeded generator and (prompt, output) history for the penalties."""
     return sample_step(logits, [s.params for s in seqs], [s.generator for s in seqs],
                        [(s.prompt_ids, s.output_ids) for s in seqs])
+
+
+def constrained_rows(seqs: list) -> list[tuple[int, TokenConstraint]]:
+    """(row, constraint) of the constrained ones among `seqs` (row i: seqs[i]), for `MaskFiller`."""
+    return [(i, s.constraint) for i, s in enumerate(seqs) if s.constraint is not None]
 
 
 def _draw(row: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

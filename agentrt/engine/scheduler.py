@@ -122,10 +122,31 @@ class Scheduler:
         # rows of the fastest kernels first, then the batch-invariant ones (BatchInput.exact)
         return sorted((w for w in work if w.seq.kv is not None), key=lambda w: w.exact)
 
+    def queue_ahead(self, sampled: list[tuple], max_context: int) -> tuple[list[tuple], list[tuple]]:
+        """The overlap scheduler's split of the last step's sampled rows (seq, token, ...): the rows to take
+        before this step's forward (the token ends its sequence by a stop token or a length limit, or a
+        controller must see it first), and the rows whose token is queued on its sequence's pending now, to
+        be fed by this step's forward and taken while it runs. Ended sequences' rows are dropped."""
+        now, ahead = [], []
+        for row in sampled:
+            seq, token = row[0], row[1]
+            if seq.done:
+                continue
+            ends = token in seq.stop_ids or len(seq.output_ids) + 1 >= seq.params.max_tokens \
+                or seq.context_length + 1 >= max_context
+            if ends or seq.control is not None:
+                now.append(row)
+            else:
+                seq.pending.append(token)
+                ahead.append(row)
+        return now, ahead
+
     def postprocess(self, work: list[Work]) -> None:
         """After the forward: the fed tokens' K/V are cached; offer the cacheable ones to other requests."""
         for w in work:
             seq = w.seq
+            if seq.kv is None:  # ended while the forward ran (the overlap scheduler took its last token)
+                continue
             seq.fed_ids.extend(seq.pending[:w.n])
             del seq.pending[:w.n]
             # the cache offers only keys a fresh prefill would compute bit for bit
