@@ -31,6 +31,7 @@ from agentrt.grammar import (
     call_key,
     render_tool_call,
 )
+from agentrt.grammar._tools import named_choices
 
 __all__ = ["ChatOptions", "ChatEvent", "ChatResult", "ToolCall", "ToolCallStream", "bare_calls", "build_prompt",
            "chat_constraint",
@@ -401,7 +402,8 @@ async def prepare_chat(engine, compiler, messages: list[dict], options: ChatOpti
         asked = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), None)
         return prompt_ids, CallList(compiled, stop_token_ids=stop, max_calls=options.max_tool_calls,
                                     earlier=turn_calls(messages),
-                                    listed=grammar.listed_names(asked) if isinstance(asked, str) else [])
+                                    listed=grammar.listed_names(asked) if isinstance(asked, str) else [],
+                                    named=named_choices(constraint.tools, asked) if isinstance(asked, str) else {})
     return prompt_ids, Matcher(compiled, stop_token_ids=stop)
 
 

@@ -131,27 +131,23 @@ WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
 def test_listed_names():
     from agentrt.grammar import listed_names
 
-    assert listed_names("What is the weather in Paris and in Rome?") == [["Paris", "Rome"]]
-    assert listed_names("Weather for Boston, MA and San Francisco, CA.") == [["Boston", "MA", "San Francisco", "CA"]]
-    assert listed_names("Find the population of Tokyo, Delhi or Shanghai.") == [["Tokyo", "Delhi", "Shanghai"]]
-    assert listed_names("What is the area of a circle of radius 5 in Python?") == []
-    assert listed_names("Translate Hello from English to French.") == []
+    assert listed_names("What is the weather in Paris and in Rome?") == [["Paris"], ["Rome"]]
+    assert listed_names("How many people live in Tokyo, and how many in Cairo?") == [["Tokyo"], ["Cairo"]]
+    assert listed_names("Find the population of Tokyo, Delhi or Shanghai.") == [["Tokyo"], ["Delhi"], ["Shanghai"]]
+    assert listed_names("Add 3 and 4, and also add 10 and 20.") == [["3"], ["4"], ["10"], ["20"]]
+    assert listed_names("Get the price of IBM and add $1,200 and 30.") == [["IBM"], ["1200"], ["30"]]
+    assert listed_names("Im at Riga, Latvia, Can you tell me the temperature?") == [["Riga, Latvia"]]  # one place
+    assert listed_names("What is the area of a circle of radius 5 in Python?") == [["5", "Python"]]  # one part
+    assert listed_names("Paris is nice. It has 10% more.") == []  # sentence openers, a percentage
 
 
 def test_a_list_goes_on_while_a_listed_name_is_in_no_call(tiny_engine):
     """Asked about Paris and Rome, a model that would stop after Paris may not end the list there; once
     both are in calls (or when only one was asked about) it may."""
-    compiler = GrammarCompiler(tiny_engine.tokenizer, vocab_size=tiny_engine.vocab_size)
-    options = ChatOptions(tools=[WEATHER], tool_choice="required")
 
-    def may_end_after(question: str, calls: list[str]) -> bool:
-        messages = [{"role": "user", "content": question}]
-        _, matcher = anyio.run(lambda: prepare_chat(tiny_engine, compiler, messages, options))
-        for t in tiny_engine.tokenizer.encode("\n".join(calls), add_special_tokens=False):
-            assert matcher.accept_token(t)
-        mask = torch.zeros((1, (tiny_engine.vocab_size + 31) // 32), dtype=torch.int32)
-        matcher.fill_next_token_bitmask(mask, 0)
-        return any(mask[0, t // 32].item() >> (t % 32) & 1 for t in matcher.stop_token_ids)
+    def may_end_after(question: str, calls: list[str], tools=(WEATHER,)) -> bool:
+        matcher = _matcher(tiny_engine, question, list(tools))
+        return bool(set(matcher.stop_token_ids) & _allowed(tiny_engine, matcher, "\n".join(calls)))
 
     paris, rome = call("weather", city="Paris"), call("weather", city="Rome")
     assert not may_end_after("What is the weather in Paris and in Rome?", [paris])
@@ -160,6 +156,72 @@ def test_a_list_goes_on_while_a_listed_name_is_in_no_call(tiny_engine):
     assert may_end_after("What is the weather in Paris and in Rome?", [call("weather", city="Paris and Rome")])
     route = {**WEATHER, "function": {**WEATHER["function"], "name": "route", "parameters": {
         "type": "object", "properties": {"start": {"type": "string"}, "end": {"type": "string"}}}}}
-    options = ChatOptions(tools=[route], tool_choice="required")  # one call that takes two names is the list
+    # one call that takes two names is the list
     assert may_end_after("Plan a route from New York, USA and then to Miami.",
-                         [call("route", start="New York", end="Miami")])
+                         [call("route", start="New York", end="Miami")], tools=[route])
+
+
+def _matcher(engine, question: str, tools: list[dict]):
+    compiler = GrammarCompiler(engine.tokenizer, vocab_size=engine.vocab_size)
+    messages = [{"role": "user", "content": question}]
+    _, matcher = anyio.run(lambda: prepare_chat(engine, compiler, messages, ChatOptions(tools=tools, tool_choice="required")))
+    return matcher
+
+
+def _allowed(engine, matcher, text: str) -> set[int]:
+    """The tokens `matcher` allows after `text` (from its start)."""
+    matcher.reset()
+    for t in engine.tokenizer.encode(text, add_special_tokens=False):
+        assert matcher.accept_token(t)
+    mask = torch.zeros((1, (engine.vocab_size + 31) // 32), dtype=torch.int32)
+    matcher.fill_next_token_bitmask(mask, 0)
+    return {t for t in range(engine.vocab_size) if mask[0, t // 32].item() >> (t % 32) & 1}
+
+
+def test_a_list_goes_on_for_the_parts_no_call_took_yet(tiny_engine):
+    """"Add 3 and 4, and also add 10 and 20": after add(3, 4) the list may not end, and the next call's
+    numbers may not start as 3 or 4 (a weak model repeats its first call); after add(10, 20) it may end."""
+    matcher = _matcher(tiny_engine, "Add 3 and 4, and also add 10 and 20.", [ADD, MUL])
+    tok = tiny_engine.tokenizer
+
+    def allowed(text: str) -> set[int]:
+        return _allowed(tiny_engine, matcher, text)
+
+    first, second = call("add", a=3, b=4), call("add", a=10, b=20)
+    opening = call("add", a=1, b=2).split('"a": ')[0] + '"a": '
+    assert not set(matcher.stop_token_ids) & allowed(first)
+    opened = allowed(first + "\n" + opening)
+    digit = {d: tok.convert_tokens_to_ids(d) for d in "1234"}
+    assert digit["3"] not in opened and digit["4"] not in opened and digit["1"] in opened
+    assert set(matcher.stop_token_ids) & allowed(first + "\n" + second)
+    # after a call that took no part of the request nothing is steered: a value may start as 3
+    assert digit["3"] in allowed(call("mul", a=7, b=8) + "\n" + opening)
+
+
+def test_a_value_begun_as_a_name_of_the_request_is_written_to_its_end(tiny_engine):
+    """A value that has begun as one of the request's names or numbers goes on as it: "Mariposa, CA",
+    not "Maraposi" or "Mariposa" alone; 200000 for "$200,000", not 200."""
+    where = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {
+        "location": {"type": "string"}, "cost": {"type": "number"}}, "required": ["location", "cost"]}}}
+    matcher = _matcher(tiny_engine, "Weather at Mariposa, CA, for $200,000?", [where])
+    tok = tiny_engine.tokenizer
+    head = '<tool_call>{"name": "weather", "arguments": {"location": "'
+    texts = {i: tok.decode([i]) for i in _allowed(tiny_engine, matcher, head + "Mari")}
+    assert texts and all(("posa, ca" + '"').startswith(t.lower()) or t.lower().startswith("posa, ca") for t in texts.values())
+    assert tok.convert_tokens_to_ids('"') not in _allowed(tiny_engine, matcher, head + "Mariposa")
+    number = _allowed(tiny_engine, matcher, head + 'Mariposa, CA", "cost": 200')
+    assert tok.convert_tokens_to_ids("}") not in number and tok.convert_tokens_to_ids("0") in number
+    free = _allowed(tiny_engine, matcher, head + "Lon")  # a name the request does not write is free
+    assert tok.convert_tokens_to_ids('"') in free
+
+
+def test_a_value_in_a_stated_format_still_closes_near_the_budget(tiny_engine):
+    """A 'City, State' value that a model never gives its comma is steered to one near max_tokens, so the
+    call ends complete instead of being cut inside the string."""
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {
+        "location": {"type": "string", "description": "The place, in the format of 'City, State'."}},
+        "required": ["location"]}}}
+    script = '<tool_call>{"name": "weather", "arguments": {"location": "' + "Tel Aviv " * 80
+    result, _ = chat(tiny_engine, ChatOptions(tools=[tool], tool_choice="required"), script, max_tokens=60)
+    assert not result.incomplete and [c.complete for c in result.tool_calls] == [True]
+    assert ", " in json.loads(result.tool_calls[0].arguments)["location"]

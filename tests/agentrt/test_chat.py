@@ -151,3 +151,31 @@ def test_a_bare_repeat_of_an_earlier_call_is_dropped():
     s.push('{"name": "add", "arguments": {"a": 1}}\n{"name": "add", "arguments": {"a": 2}}')
     s.finish()
     assert [json.loads(c.arguments) for c in s.calls] == [{"a": 2}] and s.refused == 1
+
+
+@pytest.mark.parametrize("description, good, bad", [
+    ("The location, in the format of 'City, State (abbr)', such as 'Berkeley, CA'.", ["Riga, Latvia", "A, B, C"],
+     ["Riga", "Riga,Latvia"]),
+    ("Pickup point in the format of 'Street Address, City, State'.", ["1 Main St, Berkeley, CA"], ["Berkeley, CA"]),
+    ("The day, in the format 'YYYY-MM-DD'.", ["2023-04-05"], ["April 5", "2023-4-5"]),
+    ("Departure. Format: dd/mm/yyyy HH:MM.", ["15/03/2024 18:45"], ["15/03/2024"]),
+    ("Where to go, in the format of 'City, State' or 'Airport Code'.", ["JFK", "Boston, MA"], []),  # one is free
+    ("The person, in the format 'First Last'.", ["Karan"], []),
+])
+def test_a_stated_format_shapes_the_argument(tiny_parts, description, good, bad):
+    """A string parameter whose description states its layout is decoded in that layout (a small model
+    wrote "Riga" for a 'City, State' location); a layout it cannot read leaves the value free."""
+    from agentrt.grammar import GrammarCompiler, Matcher
+
+    tokenizer = tiny_parts[1]
+    tool = {"name": "f", "parameters": {"type": "object", "properties": {
+        "where": {"type": "string", "description": description}}, "required": ["where"]}}
+    options = ChatOptions(tools=[tool], tool_choice="required", schema_options={"max_string_length": None})  # compiles faster
+    compiled = GrammarCompiler(tokenizer).compile(chat_constraint(options, **options.schema_options))
+
+    def accepts(value: str) -> bool:
+        m = Matcher(compiled)
+        text = '<tool_call>{"name": "f", "arguments": ' + json.dumps({"where": value}) + "}</tool_call>"
+        return m.accept_string(text) and m.is_completed()
+
+    assert all(accepts(v) for v in good) and not any(accepts(v) for v in bad)
