@@ -117,13 +117,13 @@ def _layout_pattern(layout: str) -> str | None:
                 out.append(re.escape(text) if text == "." else text)
         return "".join(out)
     parts = [p for p in layout.split(",") if p.strip()]
-    return rf"{_PIECE}(, {_PIECE}){{{len(parts) - 1},}}" if len(parts) > 1 else None
+    return rf"{_PIECE}(, {_PIECE}){{{len(parts) - 1}}}" if len(parts) > 1 else None
 
 
 def format_pattern(description: str) -> str | None:
     """A regular expression for a string parameter whose description states its layout, else None: a
     date or time layout (`YYYY-MM-DD`, `dd/mm/yyyy HH:MM`) as its digits and separators, a layout of
-    comma-separated parts (`City, State (abbr)`) as at least that many parts; a layout this cannot read
+    comma-separated parts (`City, State (abbr)`) as that many parts; a layout this cannot read
     (`First Last`, `XX123`), also as one of alternatives, leaves the value free. A small model writes
     the city alone where the layout asks for `Riga, Latvia` (BFCL live_simple: 16 of 40 values)."""
     m = _QUOTED_LAYOUTS.search(description or "")
@@ -267,7 +267,7 @@ def call_key(name: str, arguments: Any) -> str | None:
 
 _OPENERS = {"What", "What's", "How", "Which", "Who", "Is", "Are", "Do", "Does", "Can", "Could", "Please", "Tell",
             "Give", "Find", "Get", "Show", "I", "I'm", "The", "A", "An", "And", "Or", "Compare", "Check", "List"}
-_NAME = r"[A-Z](?:[\w'-]|\.(?=\w))*(?:\s+(?:of\s+|de\s+|la\s+)?[A-Z](?:[\w'-]|\.(?=\w))*)*"
+_NAME = r"[A-Z](?:[\w-]|['.](?=\w))*(?:\s+(?:of\s+|de\s+|la\s+)?[A-Z](?:[\w-]|['.](?=\w))*)*"
 _NOT_OPENER = "(?!(?:" + "|".join(re.escape(w) for w in sorted(_OPENERS)) + r")\b)"
 _NUMBER = r"(?<![\w.,])\$?(?P<number>-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?![\w%])"
 # a name, or names joined by commas: one qualified place ("Riga, Latvia") unless an and/or goes on to
@@ -392,6 +392,7 @@ def _text_row(vocab: list[bytes], words: int, char: str) -> torch.Tensor:
 
 
 _OPEN_VALUE = re.compile(rb'"((?:[^"\\]|\\.)*)": ("?)((?:[^"\\]|\\.)*)$')
+_BEGUN = 3  # characters of a value that show it copies a name of the request ("g" may begin anything)
 _NUMBER_ITEM = re.compile(r"-?[\d.]+")
 
 
@@ -402,10 +403,12 @@ class CallList(Matcher):
     repeat), as does reaching `max_calls` calls or, between calls, nearing max_tokens (`close_by`)
     or having fewer tokens left than the longest call so far took.
     A weak model that would call the same tool over and over until max_tokens makes one call.
-    `listed`: groups of names the request lists together (`listed_names`): once a call has taken
-    exactly one name of a group, the list may not end between calls while another name of it is in
-    no call (a weak model asked about Paris and Rome would stop after Paris; a call that takes both,
-    a route from one to the other, is the whole list); the repeat, cap and budget rules still end it."""
+    `listed`: the request's parts and their names and numbers (`listed_names`): once a call took a
+    name of one part, the list may not end between calls while another part is in no call and fewer
+    calls than parts were made (a weak model asked about Paris and Rome would stop after Paris; a call
+    that takes both, a route from one to the other, is the whole list); the repeat, cap and budget
+    rules still end it. Values copy the request (`_ground`), and `named` ({tool: {parameter: values}},
+    `named_choices`) narrows an enum to the values the request names."""
 
     def __init__(self, compiled: Any, *, stop_token_ids: list[int] | None = None, max_calls: int | None = MAX_TOOL_CALLS,
                  earlier: list[tuple[str, Any]] = (), listed: list[list[str]] = (),
@@ -510,7 +513,7 @@ class CallList(Matcher):
                 row = _starts_row(self._vocab, words, typed, free, kind)
             elif free and used and not typed:
                 row = ~(_starts_row(self._vocab, words, "", used, kind) & ~_starts_row(self._vocab, words, "", free, kind))
-        if row is None and typed and typed not in names:
+        if row is None and len(typed) >= _BEGUN and typed not in names:
             begun = tuple(sorted(n for n in names if n.startswith(typed)))
             if begun:
                 row = _starts_row(self._vocab, words, typed, begun, kind)
