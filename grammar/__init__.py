@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from agentrt.grammar._compiler import CompileCache, CompiledConstraint, GrammarCompiler, tokenizer_info
 from agentrt.grammar._constraints import Choice, Constraint, Ebnf, Json, JsonSchema, Lark, Regex
+from agentrt.grammar._isolate import CompileRateLimitError, RestartBudget, compile_client
 from agentrt.grammar._matcher import Matcher
 from agentrt.grammar._schema import NormalizedSchema, normalize_schema
 from agentrt.grammar._tools import (
@@ -49,5 +50,8 @@ __all__ = [
     "CompiledConstraint",
     "CompileCache",
     "tokenizer_info",
+    "compile_client",
+    "CompileRateLimitError",
+    "RestartBudget",
     "Matcher",
 ]

@@ -14,7 +14,7 @@ import logging
 import pickle
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,9 @@ from agentrt.errors import GrammarError, OverloadedError
 from agentrt.grammar._bounds import DEFAULT_LIMITS, GrammarLimits, check_grammar
 from agentrt.grammar._constraints import Constraint, JsonSchema
 from agentrt.grammar._isolate import (
+    COMPILE_CLIENT,
     Compiled,
+    RestartBudget,
     WorkerPool,
     compile_checked,
     constraint_param,
@@ -128,8 +130,9 @@ class GrammarCompiler:
     `vocab_size` must be the model's logits width when it differs from `len(tokenizer)`. Every
     grammar is checked against `limits` (size, and rules that can never finish) before it compiles.
     `isolate=True` (what the server uses) runs `compile_async` in worker processes killed at the
-    timeout, at most `max_concurrent` at a time; otherwise compiles run in threads and one that
-    times out finishes in the background.
+    timeout, at most `max_concurrent` at a time, and a client (`compile_client`) whose compiles had
+    more workers killed lately than `restarts` allows gets `CompileRateLimitError` for new ones;
+    otherwise compiles run in threads and one that times out finishes in the background.
 
     `backend` picks the library per JSON schema (other constraints are xgrammar's): "auto" serves a
     schema with llguidance where xgrammar would loosen a keyword llguidance enforces (or, `strict`,
@@ -152,6 +155,7 @@ class GrammarCompiler:
         isolate: bool = False,
         backend: str = "auto",
         fallback_after: float = 5.0,
+        restarts: RestartBudget | None = None,
     ) -> None:
         if backend not in ("auto", "xgrammar", "llguidance"):
             raise ValueError(f"backend must be 'auto', 'xgrammar' or 'llguidance', got {backend!r}")
@@ -171,6 +175,8 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_concurrent)  # shared by threads and event loops
         self.pool = _pool(self.info, self.fingerprint, max_threads, limits) if isolate else None
+        self.restarts = RestartBudget() if restarts is None else restarts
+        self.stats: Counter[str] = Counter()  # compile requests: "compiled", "cached", "joined" (one in flight)
 
     def compile(self, constraint: Constraint) -> CompiledConstraint:
         """Compile (or fetch from the cache) on the calling thread; no timeout."""
@@ -186,6 +192,8 @@ class GrammarCompiler:
         compiler's), or `OverloadedError` if the compile waited that long for a free slot. An
         isolated compile is stopped at the timeout; a threaded one finishes and fills the cache."""
         limit = self.timeout if timeout is None else timeout
+        if self.pool is not None:
+            self._admit(constraint)
         fut, owner = self._claim(constraint)
         if fut.done():
             return fut.result()
@@ -283,12 +291,12 @@ class GrammarCompiler:
                     "or grammar, or raise the compile timeout", param="grammar")) from None
         except GrammarError as e:
             if "was stopped" in str(e):
-                self.pool.kill(worker)
+                self._kill(worker)
             else:
                 self.pool.release(worker)
             raise
         except BaseException:  # cancelled, or a worker that died: no compile keeps running
-            self.pool.kill(worker)
+            self._kill(worker)
             raise
         self.pool.release(worker)
         if reply is None:  # a constraint class the worker cannot import
@@ -300,6 +308,23 @@ class GrammarCompiler:
         finally:
             with self._lock:
                 self._inflight.pop(self._key(constraint), None)
+
+    def _admit(self, constraint: Constraint) -> None:
+        """Refuse (CompileRateLimitError) a compile for a client whose compiles had too many workers
+        killed lately (`restarts`), unless the constraint is compiled already or being compiled."""
+        client = COMPILE_CLIENT.get()
+        if client is None:
+            return
+        key = self._key(constraint)
+        with self._lock:
+            if key in self._inflight or self.cache.get((self.fingerprint, key)) is not None:
+                return
+        self.restarts.check(client)
+
+    def _kill(self, worker: Any) -> None:
+        """Kill `worker` (and so start its replacement), counted against the compile's client."""
+        self.restarts.spend(COMPILE_CLIENT.get())
+        self.pool.kill(worker)
 
     def _adopt(self, constraint: Constraint, reply: Compiled) -> CompiledConstraint:
         """A worker's result as ours: its compiled grammar, or a recompile known to be quick."""
@@ -386,12 +411,15 @@ class GrammarCompiler:
         with self._lock:
             fut = self._inflight.get(key)
             if fut is not None:
+                self.stats["joined"] += 1
                 return fut, False
             fut = cf.Future()
             hit = self.cache.get(ckey)
             if hit is not None:
+                self.stats["cached"] += 1
                 fut.set_result(hit)
                 return fut, False
+            self.stats["compiled"] += 1
             self._inflight[key] = fut
             return fut, True
 

@@ -8,6 +8,9 @@ compiled grammar serialised; otherwise the caller recompiles the grammar, known 
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import contextvars
 import functools
 import importlib.util
 import logging
@@ -19,14 +22,16 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import xgrammar as xgr
 
-from agentrt.errors import GrammarError
+from agentrt.errors import GrammarError, OverloadedError
 from agentrt.grammar._bounds import GrammarLimits, check_grammar
 
-__all__ = ["Compiled", "WorkerPool", "compile_checked", "constraint_param", "describe", "mark_recoverable", "recoverable"]
+__all__ = ["COMPILE_CLIENT", "Compiled", "CompileRateLimitError", "RestartBudget", "WorkerPool", "compile_checked",
+           "compile_client", "constraint_param", "describe", "mark_recoverable", "recoverable"]
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +165,72 @@ class WorkerPool:
     def pids(self) -> list[int]:
         with self._lock:
             return [w.proc.pid for w in self._idle if w.proc.pid is not None]
+
+
+# Who a compile is for (the server sets the client's address per request): worker restarts are counted
+# against it. None: not counted (the SDK, the server's own grammars).
+COMPILE_CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("agentrt_compile_client", default=None)
+
+
+@contextlib.contextmanager
+def compile_client(client: str | None) -> Iterator[None]:
+    """Compiles started inside (threads and event loops started from here too) are `client`'s."""
+    token = COMPILE_CLIENT.set(client)
+    try:
+        yield
+    finally:
+        COMPILE_CLIENT.reset(token)
+
+
+class CompileRateLimitError(OverloadedError):
+    """A client's compiles had their workers killed (deadline or disconnect) too often: retry after
+    `retry_after` seconds (a 429 with Retry-After, from the server)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RestartBudget:
+    """At most `limit` worker kills per client in any `window` seconds: each kill starts a fresh worker
+    (an interpreter importing xgrammar), so a client whose grammars keep running past their deadline
+    is refused new compiles (`check`) until its oldest kill leaves the window; other clients, and its
+    grammars already compiled, are served as before."""
+
+    def __init__(self, limit: int = 4, window: float = 60.0) -> None:
+        self.limit, self.window = limit, window
+        self._kills: dict[str, collections.deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, client: str | None) -> None:
+        if client is None:
+            return
+        with self._lock:
+            kills = self._recent(client)
+            if len(kills) < self.limit:
+                return
+            wait = kills[0] + self.window - time.monotonic()
+        raise CompileRateLimitError(
+            f"{len(kills)} of this client's grammar compiles were stopped at their deadline in the last "
+            f"{self.window:g}s; no new grammar compiles for it for {wait:.0f}s (already compiled ones are "
+            "served): simplify the schema or grammar", retry_after=max(wait, 1.0))
+
+    def spend(self, client: str | None) -> None:
+        if client is None:
+            return
+        with self._lock:
+            for other in list(self._kills):  # forget the quiet clients (kills are rare: this stays small)
+                self._recent(other)
+            self._kills.setdefault(client, collections.deque()).append(time.monotonic())
+
+    def _recent(self, client: str) -> collections.deque[float]:
+        """`client`'s kills inside the window (a client with none is dropped from the table)."""
+        kills = self._kills.get(client, collections.deque())
+        while kills and kills[0] <= time.monotonic() - self.window:
+            kills.popleft()
+        if not kills:
+            self._kills.pop(client, None)
+        return kills
 
 
 def _serve(inp, out) -> None:

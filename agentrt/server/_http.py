@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 
 import anyio
@@ -42,6 +43,8 @@ def error_parts(exc: BaseException) -> tuple[int, dict]:
         return 400, error_body(str(exc), param=exc.param, code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError):
         return 400, error_body(str(exc), param=exc.param)
+    if isinstance(exc, OverloadedError) and getattr(exc, "retry_after", None) is not None:  # this client only
+        return 429, error_body(str(exc), type_="requests", code="rate_limit_exceeded")
     if isinstance(exc, (EngineClosedError, OverloadedError)):
         code = "overloaded" if isinstance(exc, OverloadedError) else None
         return 503, error_body(str(exc), type_="server_error", code=code)
@@ -61,7 +64,8 @@ def leaf_error(exc: BaseException) -> BaseException:
 def error_of(exc: BaseException) -> JSONResponse:
     """Any exception as an OpenAI-shaped error response."""
     status, body = error_parts(exc)
-    return JSONResponse(body, status)
+    retry = getattr(leaf_error(exc), "retry_after", None)
+    return JSONResponse(body, status, headers={"Retry-After": str(math.ceil(retry))} if status == 429 else None)
 
 
 class Guard:

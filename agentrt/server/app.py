@@ -22,7 +22,7 @@ from agentrt.backends import LocalBackend
 from agentrt.chat import ChatOptions, chat_constraint, prepare_chat
 from agentrt.engine import Engine
 from agentrt.errors import AgentrtError, InvalidRequestError, ModelNotFoundError
-from agentrt.grammar import GrammarCompiler
+from agentrt.grammar import GrammarCompiler, compile_client
 from agentrt.engine.sampling import SamplingParams
 from agentrt.server._choices import (
     ChatChoice,
@@ -54,6 +54,12 @@ from agentrt.tools import ToolRegistry, calculator
 
 log = logging.getLogger(__name__)
 
+# compiled at startup, in the background: the response formats clients send most, so that their first
+# request finds them compiled (json_object's grammar also serves the schema {"type": "object"})
+WARM_FORMATS = [{"type": "json_object"}] + [
+    {"type": "json_schema", "json_schema": {"name": "response", "schema": {"type": kind}}}
+    for kind in ("array", "string")]
+
 
 def create_app(engine, *, api_key: str | None = None, model_names: list[str] | None = None,
                tools: list | None = None, compile_timeout: float | None = None) -> FastAPI:
@@ -72,10 +78,13 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         compiler.pool.prestart()  # the first request's compile does not wait for a worker to start
-        common = chat_constraint(ChatOptions(response_format={"type": "json_object"}))
+
+        def warm() -> None:
+            for fmt in WARM_FORMATS:
+                compiler.compile(chat_constraint(ChatOptions(response_format=fmt)))
+
         async with anyio.create_task_group() as tg:  # warm the cache without holding up the start
-            tg.start_soon(functools.partial(anyio.to_thread.run_sync, compiler.compile, common,
-                                            abandon_on_cancel=True))
+            tg.start_soon(functools.partial(anyio.to_thread.run_sync, warm, abandon_on_cancel=True))
             yield
             tg.cancel_scope.cancel()
 
@@ -145,8 +154,9 @@ def create_app(engine, *, api_key: str | None = None, model_names: list[str] | N
         top = body.top_logprobs or 0
         # tokenising and building the grammar are CPU work: a thread (with a loop of its own) does them;
         # each choice gets a matcher of its own (the compile is cached)
-        prepared = [await anyio.to_thread.run_sync(anyio.run, prepare_chat, engine, compiler, body.messages, options)
-                    for _ in range(body.n)]
+        with compile_client(request.client.host if request.client else None):  # kills counted per client
+            prepared = [await anyio.to_thread.run_sync(anyio.run, prepare_chat, engine, compiler, body.messages,
+                                                       options) for _ in range(body.n)]
         prompt_ids = prepared[0][0]
         headers = warning_headers(prepared[0][1])
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

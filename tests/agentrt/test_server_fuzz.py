@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agentrt.grammar import RestartBudget
 from agentrt.server import create_app
 from agentrt.testing import LiveServer
 
@@ -37,7 +38,9 @@ def fuzz_server(tiny_parts):
 
     model, tok, eos = tiny_parts
     engine = Engine(model, tok, eos_token_ids=eos, name="tiny-random")
-    live = LiveServer(create_app(engine, model_names=["tiny-random"], compile_timeout=10))
+    app = create_app(engine, model_names=["tiny-random"], compile_timeout=10)
+    app.state.compiler.restarts = RestartBudget(limit=10**6)  # every hostile schema compiles (no 429s)
+    live = LiveServer(app)
     with httpx.Client(base_url=f"http://127.0.0.1:{live.port}", timeout=REPLY_WITHIN + 30) as client:
         yield live, engine, client
     live.stop()
@@ -218,3 +221,77 @@ def test_after_the_fuzzing_the_pool_is_full_and_the_idle_server_burns_no_cpu(fuz
             break
     assert windows[-1] < 0.3, f"CPU seconds used in each 2 s window while idle: {windows}: a compile is still running"
     assert client.get("/health").json()["status"] == "ok"
+
+
+# --- compile-worker restarts per client, and the startup warm-up --------------------------------------
+
+def _slow_tools(n: int = 1500) -> list[dict]:
+    # optional integer properties: xgrammar takes ~15 s here; tool grammars have no llguidance reserve
+    params = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(n)}}
+    return [{"type": "function", "function": {"name": "f", "parameters": params}}]
+
+
+def _openai(live: LiveServer, local_address: str):
+    import openai
+
+    transport = httpx.HTTPTransport(local_address=local_address)  # loopback: any 127.x address is a client
+    return openai.OpenAI(base_url=live.base_url, api_key="x", max_retries=0,
+                         http_client=httpx.Client(transport=transport, timeout=REPLY_WITHIN + 30))
+
+
+def _schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}
+
+
+def test_a_client_whose_compiles_keep_being_killed_gets_429s_and_others_do_not(tiny_parts):
+    import openai
+
+    from agentrt.engine import Engine
+
+    model, tok, eos = tiny_parts
+    engine = Engine(model, tok, eos_token_ids=eos, name="tiny-random")
+    app = create_app(engine, model_names=["tiny-random"], compile_timeout=2)
+    app.state.compiler.restarts = RestartBudget(limit=1, window=600)
+    hi = [{"role": "user", "content": "hi"}]
+    with LiveServer(app) as live, _openai(live, "127.0.0.1") as bad, _openai(live, "127.0.0.2") as other:
+        with pytest.raises(openai.BadRequestError, match="was stopped"):  # killed at the deadline: one restart
+            bad.chat.completions.create(model="tiny-random", messages=hi, tools=_slow_tools(), max_tokens=4)
+        t0 = time.perf_counter()
+        with pytest.raises(openai.RateLimitError) as info:  # past the limit: refused before any compile
+            bad.chat.completions.create(model="tiny-random", messages=hi, max_tokens=4,
+                                        response_format=_schema_format({"type": "integer", "minimum": 3}))
+        assert time.perf_counter() - t0 < REPLY_WITHIN
+        retry = int(info.value.response.headers["retry-after"])
+        assert 1 <= retry <= 600
+        assert info.value.response.json()["error"]["code"] == "rate_limit_exceeded"
+        # what is compiled already still serves it; other clients compile as before
+        served = bad.chat.completions.create(model="tiny-random", messages=hi, max_tokens=4,
+                                             response_format={"type": "json_object"})
+        assert served.choices[0].finish_reason in ("stop", "length")
+        served = other.chat.completions.create(model="tiny-random", messages=hi, max_tokens=4,
+                                               response_format=_schema_format({"type": "integer", "minimum": 3}))
+        assert served.choices[0].finish_reason in ("stop", "length")
+    engine.close()
+
+
+def test_the_first_json_object_request_after_startup_does_not_compile(tiny_parts):
+    from agentrt.engine import Engine
+    from agentrt.server.app import WARM_FORMATS
+
+    model, tok, eos = tiny_parts
+    engine = Engine(model, tok, eos_token_ids=eos, name="tiny-random")
+    app = create_app(engine, model_names=["tiny-random"])
+    compiler = app.state.compiler
+    with LiveServer(app) as live, _openai(live, "127.0.0.1") as client:
+        assert client.models.list().data  # the server answers while (or before) the formats compile
+        deadline = time.time() + 200
+        # the warm-up claimed each format (compiled it, or found it in the process's cache) and is done
+        while (sum(compiler.stats.values()) < len(WARM_FORMATS) or compiler._inflight) and time.time() < deadline:
+            time.sleep(0.1)
+        compiled = compiler.stats["compiled"]
+        for fmt in [*WARM_FORMATS, _schema_format({"type": "object"})]:
+            client.chat.completions.create(model="tiny-random", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=4, response_format=fmt)
+        assert compiler.stats["compiled"] == compiled  # every compile was the startup's
+        assert compiler.stats["cached"] >= len(WARM_FORMATS) + 1
+    engine.close()

@@ -13,7 +13,16 @@ import psutil
 import pytest
 
 from agentrt.errors import GrammarError
-from agentrt.grammar import CompileCache, Ebnf, GrammarCompiler, JsonSchema, Regex, ToolCalls
+from agentrt.grammar import (
+    CompileCache,
+    CompileRateLimitError,
+    Ebnf,
+    GrammarCompiler,
+    JsonSchema,
+    Regex,
+    RestartBudget,
+    ToolCalls,
+)
 from agentrt.grammar._bounds import GrammarLimits
 from agentrt.grammar._isolate import _BOOTSTRAP, _package_paths
 from agentrt.grammar._matcher import MAX_JUMP_FORWARD
@@ -105,3 +114,18 @@ def test_a_grammar_worker_imports_only_what_a_compile_needs():
     for heavy in ("agentrt.engine.engine", "agentrt.engine.sampling", "agentrt.grammar._compiler",
                   "llguidance.torch", "torch._dynamo"):
         assert heavy not in modules
+
+
+def test_worker_restarts_are_limited_per_client():
+    budget = RestartBudget(limit=2, window=0.5)
+    for _ in range(2):
+        budget.check("a")
+        budget.spend("a")
+    with pytest.raises(CompileRateLimitError) as info:
+        budget.check("a")
+    assert 0 < info.value.retry_after <= 1.0
+    budget.check("b")  # other clients, and compiles for no client, are not limited
+    budget.spend(None)
+    budget.check(None)
+    time.sleep(0.6)  # the kills leave the window
+    budget.check("a")
