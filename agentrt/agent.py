@@ -59,8 +59,9 @@ class Agent(Generic[T]):
 
     `logprobs`, `top_logprobs` (0-20), `frequency_penalty`, `presence_penalty` and `repetition_penalty`
     shape chat mode's turns (as the OpenAI parameters do; the other modes decode under their own grammars
-    and refuse them); on the local engine `RunResult.stats["logprobs"]` then holds, per model turn, each
-    token's {"token", "logprob", "top_logprobs"} (logprob None where the grammar forced the token).
+    and refuse them; a remote server whose dialect has no field for one refuses it); `RunResult.stats["logprobs"]`
+    then holds, per model turn, each token's {"token", "logprob", "top_logprobs"} (on the local engine
+    logprob None where the grammar forced the token; from a remote server, what it streamed).
 
     An Agent is a context manager (`with` or `async with`): it closes its backend on exit."""
 
@@ -209,14 +210,13 @@ class Agent(Generic[T]):
         messages.append({"role": "user", "content": prompt})
         done: list[ToolEnd] = []
         tools = self._offered(prompt)
-        backend, turns = self.backend, None
-        if self.chat_params != self.params and isinstance(backend, RemoteBackend):
-            raise BackendCapabilityError(f"{backend.name}: logprobs and penalties are not sent to remote servers",
-                                         feature="sampling")
+        backend, turns, recorder = self.backend, None, None
         if self.chat_params.logprobs and isinstance(backend, LocalBackend):  # each turn's tokens, as they go
             recorder = _TokenLog(backend.engine)
             backend, turns = LocalBackend(recorder, compiler=backend.compiler), []
             stats["logprobs"] = turns
+        elif self.chat_params.logprobs and isinstance(backend, RemoteBackend):  # the server's, on each result
+            turns = stats["logprobs"] = []
         answer_now = False  # set once the model only repeats calls already made: it answers in text
         for step in range(1, self.max_steps + 1):
             final_turn = step == self.max_steps or answer_now
@@ -231,7 +231,7 @@ class Agent(Generic[T]):
                     await emit(TextDelta(ev.text))
             assert result is not None
             if turns is not None:
-                turns.append(recorder.take())
+                turns.append(recorder.take() if recorder is not None else result.logprobs or [])
             calls = [c for c in result.tool_calls if c.complete]  # one cut by max_tokens never runs
             if not calls and result.refused and not result.content.strip() and not final_turn:
                 answer_now = True  # it repeated a call whose result it has: the next turn answers

@@ -97,12 +97,28 @@ def test_chat_mode_takes_logprobs_and_penalties(tiny_engine):
     assert tiny_engine.pool.num_in_use == 0
 
 
-def test_penalties_are_refused_by_a_remote_backend_that_would_drop_them():
+def test_a_remote_server_is_refused_a_penalty_its_dialect_has_no_field_for():
     from agentrt.errors import BackendCapabilityError
+    from agentrt.remote import RemoteBackend
 
-    agent = agentrt.Agent("openai:http://127.0.0.1:9/v1#m", frequency_penalty=1.0)  # nothing is sent
-    with pytest.raises(BackendCapabilityError, match="remote"):
-        agent.run_sync("hi")
+    backend = RemoteBackend("http://127.0.0.1:9/v1", "m", dialect="openai")  # nothing listens: nothing is sent
+    with pytest.raises(BackendCapabilityError, match="repetition_penalty"):
+        agentrt.Agent(backend, repetition_penalty=1.2).run_sync("hi")
+
+
+def test_logprobs_and_penalties_through_a_remote_agentrt_server_are_the_local_engines(tiny_engine):
+    from agentrt.server import create_app
+    from agentrt.testing import LiveServer
+
+    options = dict(max_tokens=8, logprobs=True, top_logprobs=2, frequency_penalty=1.5)
+    with LiveServer(create_app(tiny_engine, model_names=["tiny-random"])) as live:
+        with agentrt.Agent(f"openai:{live.base_url}#tiny-random", **options) as agent:
+            there = agent.run_sync("Tell me a story.")
+    here = agentrt.Agent(LocalBackend(tiny_engine), **options).run_sync("Tell me a story.")
+    assert there.text == here.text
+    (turn,) = there.stats["logprobs"]
+    assert [e["token"] for e in turn] == [e["token"] for e in here.stats["logprobs"][0]] and len(turn) == 8
+    assert all(len(e["top_logprobs"]) == 2 for e in turn)
 
 
 @agentrt.tool
