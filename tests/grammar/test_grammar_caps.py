@@ -129,8 +129,9 @@ def test_capped_strings_are_served_from_the_mask_cache(compiler):
 
 class NeverEnds:
     """A model that never wants a value to end: of the tokens the grammar allows, it takes one with
-    no `"`, `]` or `}` whenever there is one, else one that only opens a string (`"` first, none of
-    them after it), so that jump-forward leaving an opening quote to it does not end a value either."""
+    no `"`, `]` or `}` whenever there is one, else one that only opens a string (`"` first after any
+    spaces, none of them after it), so that jump-forward leaving an opening quote to it (`' "'`, whose
+    lone `' '` the matcher masks) does not end a value either."""
 
     def __init__(self, matcher: Matcher) -> None:
         self.matcher = matcher
@@ -142,7 +143,8 @@ class NeverEnds:
             return (bits.view(-1, 32) << torch.arange(32)).sum(1).to(torch.int32)  # low 32 bits kept
 
         self.closing = packed([i for i, t in enumerate(vocab) if any(c in t for c in b'"]}')])
-        self.opening = packed([i for i, t in enumerate(vocab) if t[:1] == b'"' and not any(c in t[1:] for c in b'"]}')])
+        self.opening = packed([i for i, t in enumerate(vocab) if t.lstrip(b" ")[:1] == b'"'
+                               and not any(c in t.lstrip(b" ")[1:] for c in b'"]}')])
 
     def fill_next_token_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, index)
